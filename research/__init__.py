@@ -1,0 +1,1 @@
+"""A JAX/Flax research codebase for language and generative models."""

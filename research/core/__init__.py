@@ -1,0 +1,1 @@
+"""Machinery every run shares: config, mesh, sharding, optimizer, checkpoints, metrics, loop."""

@@ -1,0 +1,1 @@
+"""Datasets (tfds builders prepared without TensorFlow), tokenizers and input pipelines."""

@@ -1,0 +1,184 @@
+"""The transformer decoder (GPT) as Flax Linen modules, used only through pure init/apply.
+
+``Decoder.apply({'params': p}, tokens)`` gives next-token logits for training;
+``Decoder.apply({'params': p}, tokens, cache, index, method='decode')`` runs the same network over
+new tokens at absolute positions ``[index, index + T)`` reading and writing a KV cache.
+
+The GPT here follows nanoGPT (and GPT-2): learned positions, pre-LayerNorm blocks, GELU MLP,
+causal multi-head attention, dropout on embeddings/attention/residuals, output projection tied to
+the token embedding, N(0, 0.02) initialisation with residual projections scaled by 1/sqrt(2L).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.nn.attention import Cache, CausalSelfAttention, init_cache
+from research.nn.layers import ACTIVATIONS, Mlp, layer_norm, logical, normal_init
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    num_layers: int = 6
+    num_heads: int = 6
+    embed_dim: int = 384
+    max_len: int = 256
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    activation: str = "gelu"
+    dtype: str = "float32"          # compute dtype; parameters are always float32
+    remat: str = "none"             # 'none' or a key of REMAT_POLICIES
+
+    def __post_init__(self):
+        checks = {
+            "vocab_size": self.vocab_size > 0,
+            "num_layers": self.num_layers > 0,
+            "num_heads": self.num_heads > 0,
+            "embed_dim": self.embed_dim > 0 and self.embed_dim % max(self.num_heads, 1) == 0,
+            "max_len": self.max_len > 0,
+            "mlp_ratio": self.mlp_ratio > 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "activation": self.activation in ACTIVATIONS,
+            "dtype": self.dtype in DTYPES,
+            "remat": self.remat == "none" or self.remat in REMAT_POLICIES,
+        }
+        hints = {
+            "embed_dim": f"a positive multiple of num_heads={self.num_heads}",
+            "dropout": "in [0, 1)",
+            "activation": f"one of {sorted(ACTIVATIONS)}",
+            "dtype": f"one of {sorted(DTYPES)}",
+            "remat": f"'none' or one of {sorted(REMAT_POLICIES)}",
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"config.model.{key}={getattr(self, key)!r} is invalid: expected "
+                    f"{hints.get(key, 'a positive value')}.")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides) -> "TransformerConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"Unknown config.model keys {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**{**dict(d), **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, cache: Cache | None = None, index=None, deterministic: bool = True):
+        cfg = self.cfg
+        out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
+        dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
+        h = layer_norm(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name="attn_norm")(x)
+        h, cache = CausalSelfAttention(
+            num_heads=cfg.num_heads, head_dim=cfg.head_dim, dropout=cfg.dropout,
+            use_bias=cfg.use_bias, out_init_std=out_std, dtype=cfg.compute_dtype, name="attn",
+        )(h, cache=cache, index=index, deterministic=deterministic)
+        x = x + dropout(h)
+        h = layer_norm(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name="mlp_norm")(x)
+        h = Mlp(cfg.mlp_ratio * cfg.embed_dim, activation=cfg.activation, use_bias=cfg.use_bias,
+                out_init_std=out_std, dtype=cfg.compute_dtype, name="mlp")(h)
+        return x + dropout(h), cache
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer language model."""
+
+    cfg: TransformerConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.token_embed = nn.Embed(
+            cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype,
+            embedding_init=logical(normal_init(0.02), ("vocab", "embed")),
+        )
+        self.pos_embed = self.param(
+            "pos_embed", logical(normal_init(0.02), (None, "embed")), (cfg.max_len, cfg.embed_dim))
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
+        self.blocks = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = layer_norm(use_bias=cfg.use_bias, dtype=cfg.compute_dtype)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                kernel_init=logical(normal_init(0.02), ("embed", "vocab")))
+
+    def _forward(self, tokens, positions, caches, index, deterministic):
+        x = self.token_embed(tokens) + self.pos_embed[positions].astype(self.cfg.compute_dtype)
+        x = self.embed_dropout(x, deterministic=deterministic)
+        new_caches = {}
+        for i, block in enumerate(self.blocks):
+            cache = None if caches is None else caches[f"layer_{i}"]
+            x, new_caches[f"layer_{i}"] = block(x, cache, index, deterministic)
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            logits = self.token_embed.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32), (None if caches is None else new_caches)
+
+    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """tokens [B, T] -> logits [B, T, vocab] (float32)."""
+        self._check_length(tokens.shape[1])
+        logits, _ = self._forward(tokens, jnp.arange(tokens.shape[1]), None, None, deterministic)
+        return logits
+
+    def decode(self, tokens: jax.Array, caches: dict[str, Cache], index: jax.Array):
+        """Run new tokens [B, T] at positions [index, index+T), reading/writing the KV caches."""
+        self._check_length(tokens.shape[1])
+        positions = index + jnp.arange(tokens.shape[1])
+        return self._forward(tokens, positions, caches, index, True)
+
+    def _check_length(self, t: int):
+        if t > self.cfg.max_len:
+            raise ValueError(
+                f"Sequence length {t} exceeds the model's context config.model.max_len="
+                f"{self.cfg.max_len}; crop the input or raise max_len.")
+
+
+def init_caches(cfg: TransformerConfig, batch: int, max_len: int | None = None) -> dict[str, Cache]:
+    """Empty KV caches for ``Decoder.decode`` (one per layer), in the compute dtype."""
+    max_len = max_len or cfg.max_len
+    return {f"layer_{i}": init_cache(batch, max_len, cfg.num_heads, cfg.head_dim, cfg.compute_dtype)
+            for i in range(cfg.num_layers)}
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int, n_params: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's estimate_mfu:
+    6 N + 12 L H Q T, with N the parameter count excluding position embeddings."""
+    n = n_params - cfg.max_len * cfg.embed_dim
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

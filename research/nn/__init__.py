@@ -1,0 +1,1 @@
+"""Reusable Flax Linen building blocks, used only through pure init/apply."""

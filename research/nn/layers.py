@@ -1,0 +1,71 @@
+"""Feed-forward blocks, norms and embeddings with logical axis names on their parameters.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``vocab``, ...) through
+``nn.with_logical_partitioning``; ``research.core.sharding`` maps them to mesh axes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+logical = nn.with_logical_partitioning
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # PyTorch's nn.GELU() default is the exact erf form; nanoGPT uses it.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def normal_init(stddev: float):
+    return nn.initializers.normal(stddev=stddev)
+
+
+class Mlp(nn.Module):
+    """Two-layer position-wise MLP: Dense(hidden) -> activation -> Dense(out)."""
+
+    hidden_dim: int
+    activation: str = "gelu"
+    use_bias: bool = True
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        embed_dim = x.shape[-1]
+        h = nn.Dense(
+            self.hidden_dim,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=logical(normal_init(self.init_std), ("embed", "mlp")),
+            bias_init=logical(nn.initializers.zeros, ("mlp",)),
+            name="fc_in",
+        )(x)
+        h = ACTIVATIONS[self.activation](h)
+        return nn.Dense(
+            embed_dim,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=logical(normal_init(self.out_init_std), ("mlp", "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)),
+            name="fc_out",
+        )(h)
+
+
+def layer_norm(*, use_bias: bool = True, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
+               name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with PyTorch's epsilon (1e-5) and optional bias, as nanoGPT's ``LayerNorm``."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        use_bias=use_bias,
+        dtype=dtype,
+        scale_init=logical(nn.initializers.ones, ("embed",)),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
