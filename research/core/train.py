@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from typing import Any
@@ -247,7 +248,8 @@ def run(config, task, workdir: str) -> dict[str, Any]:
                 break
     ckpt.close()
     writer.close()
-    summary = {"step": step, "compile_time_s": compile_time, **last}
+    summary = {"step": step, "compile_time_s": compile_time, **last,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
