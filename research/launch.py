@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from absl import flags, logging as absl_logging
 from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as _config_flags_impl
 
 from research.core.config import ConfigError, all_keys, unknown_override_error
 
@@ -33,7 +35,22 @@ def parse_flags(argv: list[str]) -> None:
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
-        raise ConfigError(str(e).replace("flag --", "--")) from None
+        raise ConfigError(_without_traceback(str(e)).replace("flag --", "--")) from None
+
+
+def _without_traceback(message: str) -> str:
+    """ml_collections puts the config file's whole traceback into its error message (``Error
+    whilst parsing config file: Traceback ...``); keep only the final exception's message."""
+    head, sep, tb = message.rpartition("Traceback (most recent call last):")
+    if not sep:
+        return message
+    lines = tb.splitlines()
+    start = next((i for i, line in enumerate(lines[1:], 1) if line and not line[0].isspace()),
+                 len(lines))
+    text = "\n".join(lines[start:]).strip()
+    text = re.sub(r"^[\w.]*(Error|Exception|Exit): ", "", text)  # 'pkg.ConfigError: msg' -> msg
+    head = head.split("Error whilst parsing config file:")[0].rstrip()
+    return f"{head} {text}" if head else text
 
 
 def check_override_keys(argv: list[str]) -> None:
@@ -42,12 +59,14 @@ def check_override_keys(argv: list[str]) -> None:
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if path is None and "--config" in argv[:-1]:
         path = argv[argv.index("--config") + 1]
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+        raise ConfigError(f"--config={path}: no such file {path.split(':', 1)[0]!r}.")
     if not overrides or path is None:
         return
     try:
-        config = config_flags.ConfigFileFlagParser(name="config").parse(path)
+        config = _config_flags_impl.ConfigFileFlagParser(name="config").parse(path)
     except Exception as e:  # noqa: BLE001 - a broken config file is a user error too
-        raise ConfigError(f"Could not load --config={path}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"--config={path}: {_without_traceback(str(e))}") from None
     known = set(all_keys(config))
     for key in overrides:
         key = key[len("config."):]
@@ -59,6 +78,8 @@ def main(argv: list[str]) -> int:
     parse_flags(argv)
     if _CONFIG.value is None or not _WORKDIR.value:
         raise ConfigError("Both --config=configs/X.py[:arg] and --workdir=DIR are required.")
+    from research.core.runtime import tune_host_allocator
+    tune_host_allocator()
     import jax  # after flags, so XLA_FLAGS set by the user are honoured
 
     from research.core.mesh import maybe_initialize_distributed
@@ -72,13 +93,28 @@ def main(argv: list[str]) -> int:
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         print(config, flush=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+        config_path = os.path.join(workdir, "config.json")
+        if not _has_checkpoints(workdir) or not os.path.exists(config_path):
+            _write_config(workdir, config)  # else only once train.run accepted them (below)
     task = tasks.get(config.task)(config)
     summary = train.run(config, task, workdir)
     if jax.process_index() == 0:
+        _write_config(workdir, config)
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    """Whether ``workdir/checkpoints`` holds a finished checkpoint (a directory named by a step).
+    Its config.json then describes those checkpoints' model: a run that train.run refuses (another
+    model) must not overwrite it, or ``research.sample`` would build the wrong model."""
+    ckdir = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(ckdir) and any(name.isdigit() for name in os.listdir(ckdir))
+
+
+def _write_config(workdir: str, config) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
 
 
 def run_cli(argv: list[str] | None = None) -> int:

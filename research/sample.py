@@ -56,6 +56,8 @@ def load_model(workdir: str, which: str = "latest"):
     else:
         raise ConfigError(f"--checkpoint={which!r}: expected 'latest', 'best' or one of {steps}")
     meta = ckpt.read_meta(step)
+    if "model" in meta:  # the checkpoint's own model config, whatever config.json says now
+        config.model = ml_collections.ConfigDict(meta["model"])
     task = tasks.get(config.task)(config, tokenizer=CharTokenizer.from_json(meta["tokenizer"]))
     mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
     _, _, _, abstract, shardings = build_state(task, config, mesh)

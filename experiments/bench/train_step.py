@@ -23,6 +23,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def bench_jax(size: str, steps: int, overrides: list[str]) -> dict:
     sys.path.insert(0, REPO)
+    from research.core.runtime import tune_host_allocator
+    if os.environ.get("RESEARCH_DEFAULT_MALLOC") != "1":
+        tune_host_allocator()  # as the launcher does
     import jax
 
     from configs.gpt_shakespeare_char import get_config

@@ -30,6 +30,16 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class _NoMissingMetricWarning(logging.Filter):
+    """Checkpoints between evaluations have no val/loss by design; Orbax warns at every one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMissingMetricWarning())
+
+
 def _policy(keep: int):
     cm = ocp.checkpoint_managers
     return cm.AnyPreservationPolicy([
@@ -44,6 +54,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+            save_interval_steps=0 if read_only else 1,
             preservation_policy=None if read_only else _policy(keep),
             # best_fn makes Orbax write the metrics with each step (the BestN policy reads them).
             best_fn=lambda m: m[BEST_METRIC], best_mode="min")

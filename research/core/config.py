@@ -105,3 +105,7 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
     require(config, "optim.warmup_steps", lambda v: 0 <= v <= config.total_steps,
             "between 0 and config.total_steps")
     require(config, "optim.grad_clip", lambda v: v is None or v >= 0, "None or >= 0")
+    require(config, "optim.min_lr", lambda v: 0 <= v <= config.optim.lr,
+            "between 0 and config.optim.lr")
+    if config.get("eval_batch_size") is not None:
+        require(config, "eval_batch_size", pos_int, "None (= batch_size) or a positive integer")

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.core.config import ConfigError
 from research.nn.attention import Cache, CausalSelfAttention, init_cache
 from research.nn.layers import ACTIVATIONS, Mlp, layer_norm, logical, normal_init
 
@@ -66,7 +67,7 @@ class TransformerConfig:
         }
         for key, ok in checks.items():
             if not ok:
-                raise ValueError(
+                raise ConfigError(
                     f"config.model.{key}={getattr(self, key)!r} is invalid: expected "
                     f"{hints.get(key, 'a positive value')}.")
 
@@ -75,7 +76,7 @@ class TransformerConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
-            raise ValueError(f"Unknown config.model keys {sorted(unknown)}; known: {sorted(fields)}")
+            raise ConfigError(f"Unknown config.model keys {sorted(unknown)}; known: {sorted(fields)}")
         return cls(**{**dict(d), **overrides})
 
     @property

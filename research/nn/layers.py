@@ -38,7 +38,11 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        embed_dim = x.shape[-1]
+        embed_dim, lead = x.shape[-1], x.shape[:-1]
+        # As 2-D matmuls over [B*T, E]: with 3-D activations XLA:CPU materialises the weight
+        # gradients' transposed operands with a slow strided copy (baby GPT forward+backward:
+        # 56 -> 36 ms on this 2-core CPU).
+        x = x.reshape(-1, embed_dim)
         h = nn.Dense(
             self.hidden_dim,
             use_bias=self.use_bias,
@@ -55,7 +59,7 @@ class Mlp(nn.Module):
             kernel_init=logical(normal_init(self.out_init_std), ("mlp", "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)),
             name="fc_out",
-        )(h)
+        )(h).reshape(*lead, embed_dim)
 
 
 def layer_norm(*, use_bias: bool = True, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
