@@ -4,7 +4,7 @@
     python experiments/bench/train_step.py --size default --steps 20
     python experiments/bench/train_step.py --size baby --xla_flags="--xla_cpu_use_onednn=true"
 
-Prints compile time, the median ms/step over ``--steps`` timed steps (after 5 warm-up steps, each
+Prints compile time, the median ms/step over ``--steps`` timed steps (after ``--warmup`` steps, each
 step synchronised), tokens/s and MFU against the peak FLOP/s it states. ``--torch`` also times the
 same model and settings in PyTorch (nanoGPT's architecture and AdamW, eager, CPU) in the same run,
 for a ratio measured under the same machine load.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def bench_jax(size: str, steps: int, overrides: list[str]) -> dict:
+def bench_jax(size: str, steps: int, overrides: list[str], warmup: int = 5, pipelined: bool = False) -> dict:
     sys.path.insert(0, REPO)
     from research.core.runtime import tune_host_allocator
     if os.environ.get("RESEARCH_DEFAULT_MALLOC") != "1":
@@ -55,31 +56,35 @@ def bench_jax(size: str, steps: int, overrides: list[str]) -> dict:
     state, m = step_fn(state, sharding.put_batch(next(data), batch_sh))
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    for _ in range(5):
+    for _ in range(warmup):
         state, m = step_fn(state, sharding.put_batch(next(data), batch_sh))
     jax.block_until_ready(m)
     times = []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         t = time.perf_counter()
         state, m = step_fn(state, sharding.put_batch(next(data), batch_sh))
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    # Pipelined: the loop's own pattern (no sync per step), total time / steps.
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = step_fn(state, sharding.put_batch(next(data), batch_sh))
-    jax.block_until_ready(m)
-    pipelined = (time.perf_counter() - t) / steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
+    # Pipelined: no sync per step (what the loop does on accelerators), total time / steps.
+    pipelined_s = float("nan")
+    if pipelined:
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, m = step_fn(state, sharding.put_batch(next(data), batch_sh))
+        jax.block_until_ready(m)
+        pipelined_s = (time.perf_counter() - t) / steps
     med = statistics.median(times)
     flops = task.flops_per_example * config.batch_size
     peak = metrics.peak_flops(config.get("peak_flops"))
-    return dict(impl="jax", compile_s=compile_s, ms_step=1e3 * med, ms_step_pipelined=1e3 * pipelined,
+    return dict(impl="jax", compile_s=compile_s, page_faults_per_step=faults, ms_step=1e3 * med, ms_step_pipelined=1e3 * pipelined_s,
                 tokens_s=task.tokens_per_example * config.batch_size / med,
                 mfu=flops / med / peak if peak else float("nan"), peak_tflops=peak / 1e12,
                 gflop_step=flops / 1e9)
 
 
-def bench_torch(size: str, steps: int) -> dict:
+def bench_torch(size: str, steps: int, warmup: int = 5) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +113,7 @@ def bench_torch(size: str, steps: int) -> dict:
         opt.step()
         return loss.item()
 
-    for _ in range(5):
+    for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
@@ -124,14 +129,17 @@ def main():
     ap.add_argument("--size", default="baby", choices=["baby", "default"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per implementation")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps after the compiling one")
+    ap.add_argument("--pipelined", action="store_true",
+                    help="also time steps dispatched without a sync in between")
     ap.add_argument("--xla_flags", default=None, help="XLA_FLAGS for the JAX runs (default: as set)")
     ap.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
     ap.add_argument("--override", action="append", default=[], help="config override key=value")
     ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        fn = bench_jax(args.size, args.steps, args.override) if args.worker == "jax" else \
-            bench_torch(args.size, args.steps)
+        fn = bench_jax(args.size, args.steps, args.override, args.warmup, args.pipelined) \
+            if args.worker == "jax" else bench_torch(args.size, args.steps, args.warmup)
         print(repr(fn))
         return
     env = dict(os.environ)
@@ -144,9 +152,10 @@ def main():
     for r in range(args.repeats):
         for impl in impls:  # interleaved, so both see the same machine load
             cmd = [sys.executable, __file__, "--worker", impl, "--size", args.size,
-                   "--steps", str(args.steps)] + [f"--override={o}" for o in args.override]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd += [f"--override={o}" for o in args.override] + ["--pipelined"] * args.pipelined
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            res = eval(out.strip().splitlines()[-1])  # noqa: S307 - our own repr
+            res = eval(out.strip().splitlines()[-1], {"nan": float("nan")})  # noqa: S307 - our repr
             results[impl].append(res)
             print(f"  run {r} {impl}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))

@@ -264,7 +264,8 @@ def run(config, task, workdir: str) -> dict[str, Any]:
                 progress.interval(step)  # keep eval and checkpoint time out of ms/step
             if stopping:
                 if is_main:
-                    print(f"Stopped by signal {stop.signal} at step {step}; checkpoint saved. Run "
+                    print(f"Stopped by signal {stop.signal or '(on another process)'} at step {step}; "
+                          "checkpoint saved. Run "
                           "the same command to resume.", flush=True)
                 break
     ckpt.close()
