@@ -4,12 +4,15 @@ the smoke config to the same losses as the single-process, single-device run."""
 from __future__ import annotations
 
 import json
+import re
+import signal
 
 import numpy as np
 import pytest
 
 from tests.e2e import (MESH_RE, PROGRESS_RE, TIMEOUT_S, finished_steps, free_port, kill, launch,
-                       launch_cmd, losses, output, smoke_run, spawn, subprocess_env)
+                       launch_cmd, losses, output, smoke_run, spawn, subprocess_env,
+                       wait_for_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +67,31 @@ def test_eight_devices_data_parallel_train_like_one(single, tmp_path):
     assert "devices 8 x cpu" in proc.stdout
     assert_same_losses(losses(workdir), single)
     assert finished_steps(workdir) == [3, 6]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(shakespeare_env, tmp_path):
+    """A signal reaching only one process must not leave the other waiting forever in the next
+    step's collectives: the processes agree on stopping (at a log step) and both save and exit."""
+    workdir = tmp_path / "workdir"
+    port = free_port()
+    args = ("--config.total_steps=100000", "--config.log_every=5", "--config.checkpoint_every=20",
+            "--config.eval_every=100000", "--config.optim.decay_steps=100000")
+    procs, logs = [], []
+    try:
+        for pid in range(2):
+            logs.append(tmp_path / f"process{pid}")
+            procs.append(spawn(launch_cmd(workdir, *args, f"--coordinator_address=127.0.0.1:{port}",
+                                          "--num_processes=2", f"--process_id={pid}"), logs[-1]))
+        wait_for_checkpoint(procs[0], workdir, 20)
+        procs[1].send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            kill(proc)
+    (out0, err0), (out1, err1) = output(logs[0]), output(logs[1])
+    assert [p.returncode for p in procs] == [0, 0], f"{err0[-3000:]}\n-----\n{err1[-3000:]}"
+    stopped = re.findall(r"Stopped by signal \(on another process\) at step (\d+);", out0)
+    assert len(stopped) == 1, out0[-2000:]
+    step = int(stopped[0])
+    assert step % 5 == 0 and step in finished_steps(workdir)
