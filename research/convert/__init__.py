@@ -1,0 +1,2 @@
+"""Converters between this codebase's model parameters and other formats (Hugging Face
+``transformers`` checkpoints)."""
