@@ -122,7 +122,11 @@ def _build(model, max_new_tokens: int, settings: tuple):
                 ctx = jax.lax.dynamic_slice_in_dim(buf, pos - keep, keep, axis=1)
                 return *forward(params, ctx, init_caches(cfg, batch), 0), jnp.int32(keep)
 
-            logits, caches, index = jax.lax.cond(index >= max_len, refill, decode_one, caches)
+            if buf.shape[1] < keep:  # the cache cannot fill (index < t0 + max_new_tokens < keep)
+                logits, caches, index = decode_one(caches)
+            else:
+                logits, caches, index = jax.lax.cond(index >= max_len, refill, decode_one,
+                                                     caches)
             tok = sample(jax.random.fold_in(rng, pos), logits)
             buf = jax.lax.dynamic_update_slice_in_dim(buf, tok[:, None], pos, axis=1)
             return buf, caches, index

@@ -122,6 +122,15 @@ def test_greedy_generate_crops_long_prompt(model_and_params, last_logits):
     np.testing.assert_array_equal(out, naive_generate(last_logits, prompt, 30, CFG.max_len))
 
 
+def test_greedy_generate_short_total_length(model_and_params, last_logits):
+    # prompt + new tokens < max_len // 2: the cache-refill branch cannot be traced (its slice
+    # would be wider than the buffer) and must not be built.
+    model, params = model_and_params
+    prompt = jnp.array([[1, 2, 3]], jnp.int32)
+    out = generate(model, params, prompt, max_new_tokens=2, rng=None, greedy=True)
+    np.testing.assert_array_equal(out, naive_generate(last_logits, prompt, 2, CFG.max_len))
+
+
 def test_sampling_determinism_keys_and_single_compile(model_and_params, last_logits):
     model, params = model_and_params
     prompt = jnp.array([[1, 2, 3]], jnp.int32)
