@@ -153,8 +153,8 @@ def generate(model, params, prompt: jax.Array, *, max_new_tokens: int, rng: jax.
     jitted program (compiled once per prompt shape, ``max_new_tokens``, model and settings;
     greedy runs share one program whatever their temperature/top-k/top-p).
 
-    Context handling (positions are learned, so a cache holds at most ``L = cfg.max_len``
-    tokens): a prompt longer than ``L`` is conditioned on only through its last ``L`` tokens
+    Context handling (the cache holds at most ``L = cfg.max_len`` tokens, and learned positions
+    stop there; rope/ALiBi models are windowed the same way): a prompt longer than ``L`` is conditioned on only through its last ``L`` tokens
     (as in nanoGPT; the full prompt is still returned). When the cache is full, the last
     ``L // 2`` tokens are re-prefilled into a fresh cache at positions ``0..`` and decoding
     continues, so every new token past the first window is conditioned on between ``L // 2``

@@ -7,6 +7,11 @@ new tokens at absolute positions ``[index, index + T)`` reading and writing a KV
 The GPT here follows nanoGPT (and GPT-2): learned positions, pre-LayerNorm blocks, GELU MLP,
 causal multi-head attention, dropout on embeddings/attention/residuals, output projection tied to
 the token embedding, N(0, 0.02) initialisation with residual projections scaled by 1/sqrt(2L).
+
+LLaMA-style decoders are configurations of the same network (see ``TransformerConfig``):
+``norm='rmsnorm'``, ``mlp='swiglu'``, ``positions='rope'`` (or ``'alibi'``), ``num_kv_heads`` for
+grouped-query attention, ``tie_embeddings=False``, ``use_bias=False``. With the defaults the
+parameters and numerics are exactly the GPT's.
 """
 from __future__ import annotations
 
@@ -20,9 +25,13 @@ import jax.numpy as jnp
 
 from research.core.config import ConfigError
 from research.nn.attention import Cache, CausalSelfAttention, init_cache
-from research.nn.layers import ACTIVATIONS, Mlp, layer_norm, logical, normal_init
+from research.nn.layers import (
+    ACTIVATIONS, Mlp, RMSNorm, SwiGluMlp, layer_norm, logical, normal_init)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope", "alibi")
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -41,9 +50,16 @@ class TransformerConfig:
     dropout: float = 0.0
     use_bias: bool = True
     tie_embeddings: bool = True
-    activation: str = "gelu"
+    activation: str = "gelu"        # of the 'gelu' MLP (the 'swiglu' MLP always gates with SiLU)
     dtype: str = "float32"          # compute dtype; parameters are always float32
     remat: str = "none"             # 'none' or a key of REMAT_POLICIES
+    norm: str = "layernorm"         # 'layernorm' | 'rmsnorm' (learnable scale, float32)
+    norm_eps: float = 1e-5          # epsilon of either norm (LLaMA: 1e-5 or 1e-6)
+    mlp: str = "gelu"               # 'gelu' (fc_in/activation/fc_out) | 'swiglu' (gate/up/down)
+    mlp_hidden: int | None = None   # MLP hidden size; None = mlp_ratio * embed_dim
+    positions: str = "learned"      # 'learned' (pos_embed, max_len enforced) | 'rope' | 'alibi'
+    rope_theta: float = 10000.0     # RoPE base (LLaMA 3: 500000)
+    num_kv_heads: int | None = None  # key/value heads (GQA/MQA); None = num_heads
 
     def __post_init__(self):
         checks = {
@@ -57,6 +73,15 @@ class TransformerConfig:
             "activation": self.activation in ACTIVATIONS,
             "dtype": self.dtype in DTYPES,
             "remat": self.remat == "none" or self.remat in REMAT_POLICIES,
+            "norm": self.norm in NORMS,
+            "norm_eps": self.norm_eps > 0,
+            "mlp": self.mlp in MLPS,
+            "mlp_hidden": self.mlp_hidden is None or self.mlp_hidden > 0,
+            "positions": self.positions in POSITIONS and (
+                self.positions != "rope" or self.embed_dim // max(self.num_heads, 1) % 2 == 0),
+            "rope_theta": self.rope_theta > 0,
+            "num_kv_heads": self.num_kv_heads is None or (
+                self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0),
         }
         hints = {
             "embed_dim": f"a positive multiple of num_heads={self.num_heads}",
@@ -64,6 +89,12 @@ class TransformerConfig:
             "activation": f"one of {sorted(ACTIVATIONS)}",
             "dtype": f"one of {sorted(DTYPES)}",
             "remat": f"'none' or one of {sorted(REMAT_POLICIES)}",
+            "norm": f"one of {list(NORMS)}",
+            "mlp": f"one of {list(MLPS)}",
+            "mlp_hidden": "None or a positive int",
+            "positions": f"one of {list(POSITIONS)}; 'rope' needs an even head_dim = embed_dim / "
+                         f"num_heads (here {self.embed_dim}/{self.num_heads})",
+            "num_kv_heads": f"None or a positive divisor of num_heads={self.num_heads}",
         }
         for key, ok in checks.items():
             if not ok:
@@ -84,12 +115,27 @@ class TransformerConfig:
         return self.embed_dim // self.num_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return self.mlp_hidden or self.mlp_ratio * self.embed_dim
+
+    @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
 
+def make_norm(cfg: TransformerConfig, name: str | None = None) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, name=name)
+    return layer_norm(use_bias=cfg.use_bias, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                      name=name)
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm transformer block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
 
     cfg: TransformerConfig
 
@@ -98,15 +144,21 @@ class Block(nn.Module):
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
         dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
-        h = layer_norm(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name="attn_norm")(x)
+        h = make_norm(cfg, name="attn_norm")(x)
         h, cache = CausalSelfAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, dropout=cfg.dropout,
-            use_bias=cfg.use_bias, out_init_std=out_std, dtype=cfg.compute_dtype, name="attn",
+            use_bias=cfg.use_bias, out_init_std=out_std, dtype=cfg.compute_dtype,
+            num_kv_heads=cfg.kv_heads, rope_theta=cfg.rope_theta,
+            positions=None if cfg.positions == "learned" else cfg.positions, name="attn",
         )(h, cache=cache, index=index, deterministic=deterministic)
         x = x + dropout(h)
-        h = layer_norm(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, name="mlp_norm")(x)
-        h = Mlp(cfg.mlp_ratio * cfg.embed_dim, activation=cfg.activation, use_bias=cfg.use_bias,
-                out_init_std=out_std, dtype=cfg.compute_dtype, name="mlp")(h)
+        h = make_norm(cfg, name="mlp_norm")(x)
+        if cfg.mlp == "swiglu":
+            h = SwiGluMlp(cfg.mlp_hidden_dim, use_bias=cfg.use_bias, out_init_std=out_std,
+                          dtype=cfg.compute_dtype, name="mlp")(h)
+        else:
+            h = Mlp(cfg.mlp_hidden_dim, activation=cfg.activation, use_bias=cfg.use_bias,
+                    out_init_std=out_std, dtype=cfg.compute_dtype, name="mlp")(h)
         return x + dropout(h), cache
 
 
@@ -121,13 +173,14 @@ class Decoder(nn.Module):
             cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype,
             embedding_init=logical(normal_init(0.02), ("vocab", "embed")),
         )
-        self.pos_embed = self.param(
-            "pos_embed", logical(normal_init(0.02), (None, "embed")), (cfg.max_len, cfg.embed_dim))
+        if cfg.positions == "learned":
+            self.pos_embed = self.param("pos_embed", logical(normal_init(0.02), (None, "embed")),
+                                        (cfg.max_len, cfg.embed_dim))
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
         self.blocks = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
-        self.final_norm = layer_norm(use_bias=cfg.use_bias, dtype=cfg.compute_dtype)
+        self.final_norm = make_norm(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
@@ -135,7 +188,9 @@ class Decoder(nn.Module):
                 kernel_init=logical(normal_init(0.02), ("embed", "vocab")))
 
     def _forward(self, tokens, positions, caches, index, deterministic):
-        x = self.token_embed(tokens) + self.pos_embed[positions].astype(self.cfg.compute_dtype)
+        x = self.token_embed(tokens)
+        if self.cfg.positions == "learned":
+            x = x + self.pos_embed[positions].astype(self.cfg.compute_dtype)
         x = self.embed_dropout(x, deterministic=deterministic)
         new_caches = {}
         for i, block in enumerate(self.blocks):
@@ -157,20 +212,26 @@ class Decoder(nn.Module):
     def decode(self, tokens: jax.Array, caches: dict[str, Cache], index: jax.Array):
         """Run new tokens [B, T] at positions [index, index+T), reading/writing the KV caches."""
         self._check_length(tokens.shape[1])
+        cache_len = jax.tree.leaves(caches)[0].shape[1]
+        if tokens.shape[1] > cache_len:
+            raise ValueError(f"{tokens.shape[1]} new tokens do not fit the KV cache of length "
+                             f"{cache_len}; pass a longer max_len to init_caches.")
         positions = index + jnp.arange(tokens.shape[1])
         return self._forward(tokens, positions, caches, index, True)
 
     def _check_length(self, t: int):
-        if t > self.cfg.max_len:
+        # Only learned positions have a table of max_len rows; RoPE and ALiBi extend to any length.
+        if self.cfg.positions == "learned" and t > self.cfg.max_len:
             raise ValueError(
                 f"Sequence length {t} exceeds the model's context config.model.max_len="
                 f"{self.cfg.max_len}; crop the input or raise max_len.")
 
 
 def init_caches(cfg: TransformerConfig, batch: int, max_len: int | None = None) -> dict[str, Cache]:
-    """Empty KV caches for ``Decoder.decode`` (one per layer), in the compute dtype."""
+    """Empty KV caches for ``Decoder.decode`` (one per layer, ``cfg.kv_heads`` heads), in the
+    compute dtype."""
     max_len = max_len or cfg.max_len
-    return {f"layer_{i}": init_cache(batch, max_len, cfg.num_heads, cfg.head_dim, cfg.compute_dtype)
+    return {f"layer_{i}": init_cache(batch, max_len, cfg.kv_heads, cfg.head_dim, cfg.compute_dtype)
             for i in range(cfg.num_layers)}
 
 
@@ -181,5 +242,5 @@ def count_params(params) -> int:
 def flops_per_token(cfg: TransformerConfig, seq_len: int, n_params: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's estimate_mfu:
     6 N + 12 L H Q T, with N the parameter count excluding position embeddings."""
-    n = n_params - cfg.max_len * cfg.embed_dim
+    n = n_params - (cfg.max_len * cfg.embed_dim if cfg.positions == "learned" else 0)
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

@@ -1,12 +1,19 @@
 """Causal multi-head attention with an explicit, pure key/value cache.
 
-The cache is a plain dict ``{'k': [B, S, H, D], 'v': [B, S, H, D]}`` passed in and returned,
-so decoding stays a pure function (no mutable Flax collections). ``index`` is the position of
-the first new token; the new keys/values are written at ``[index, index + T)`` and queries attend
-to every cached position ``<=`` their own.
+The cache is a plain dict ``{'k': [B, S, K, D], 'v': [B, S, K, D]}`` (K key/value heads) passed
+in and returned, so decoding stays a pure function (no mutable Flax collections). ``index`` is the
+position of the first new token; the new keys/values are written at ``[index, index + T)`` and
+queries attend to every cached position ``<=`` their own.
+
+Options for LLaMA-style models: grouped-query attention (``num_kv_heads`` key/value heads shared
+by groups of ``num_heads // num_kv_heads`` query heads; the cache holds only the KV heads), rotary
+position embeddings (``positions='rope'``, HF/LLaMA "rotate_half" layout) and ALiBi linear biases
+(``positions='alibi'``). Positions are absolute (``index + t``), so the cached decode path agrees
+with the full forward.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -30,23 +37,73 @@ def causal_mask(q_len: int, k_len: int, q_offset: jax.Array | int = 0) -> jax.Ar
     return jnp.arange(k_len)[None, :] <= q_pos
 
 
-def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, dtype=jnp.float32):
-    """softmax(q k^T / sqrt(d)) v with a boolean mask; logits and softmax in float32.
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary position embedding of x [B, T, H, D] at absolute ``positions`` [T], in the HF/LLaMA
+    "rotate_half" layout (dimension i pairs with i + D/2), computed in float32."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]   # [T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]      # [1, T, 1, D]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
 
-    q: [B, T, H, D], k/v: [B, S, H, D], mask: broadcastable to [B, H, T, S].
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes (Press et al. 2022): the geometric sequence 2^(-8/n), 2^(-16/n), ... for a
+    power-of-two n heads; otherwise those of the closest lower power of two, then every other slope
+    of twice that (the paper's reference implementation)."""
+    def power_of_two(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+def alibi_bias(num_heads: int, q_positions: jax.Array, k_len: int) -> jax.Array:
+    """[H, T, S] float32 biases slope_h * (key_pos - query_pos) (<= 0 where the mask allows)."""
+    slopes = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+    dist = jnp.arange(k_len)[None, :] - q_positions[:, None]
+    return slopes[:, None, None] * dist.astype(jnp.float32)[None]
+
+
+def dot_product_attention(q, k, v, mask, *, bias=None, dropout_rate=0.0, dropout_rng=None,
+                          dtype=jnp.float32):
+    """softmax(q k^T / sqrt(d) + bias) v with a boolean mask; logits and softmax in float32.
+
+    q: [B, T, H, D], k/v: [B, S, K, D] with K dividing H (grouped-query attention: query head h
+    uses key/value head h // (H // K)), mask: broadcastable to [B, H, T, S], bias: optional float
+    broadcastable to [B, H, T, S].
     """
-    scale = 1.0 / jnp.sqrt(q.shape[-1]).astype(dtype)
-    logits = jnp.einsum("bthd,bshd->bhts", q * scale, k).astype(jnp.float32)
+    b, t, h, d = q.shape
+    groups = h // k.shape[2]
+    scale = 1.0 / jnp.sqrt(d).astype(dtype)
+    if groups == 1:
+        logits = jnp.einsum("bthd,bshd->bhts", q * scale, k).astype(jnp.float32)
+    else:
+        qg = (q * scale).reshape(b, t, k.shape[2], groups, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
+        logits = logits.reshape(b, h, t, k.shape[1])
+    if bias is not None:
+        logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
+    if groups == 1:
+        return jnp.einsum("bhts,bshd->bthd", probs, v)
+    probs = probs.reshape(b, k.shape[2], groups, t, k.shape[1])
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; separate query/key/value kernels [embed, heads, kv]."""
+    """Multi-head causal self-attention; separate query/key/value kernels [embed, heads, kv]
+    (key/value with ``num_kv_heads`` heads). ``positions``: None (the caller adds positions to the
+    input), 'rope' (rotary, applied to q and k) or 'alibi' (linear biases on the logits)."""
 
     num_heads: int
     head_dim: int
@@ -55,20 +112,29 @@ class CausalSelfAttention(nn.Module):
     init_std: float = 0.02
     out_init_std: float = 0.02
     dtype: Dtype = jnp.float32
+    num_kv_heads: int | None = None
+    positions: str | None = None
+    rope_theta: float = 10000.0
 
     @nn.compact
     def __call__(self, x, *, cache: Cache | None = None, index=None, deterministic: bool = True):
         embed_dim = x.shape[-1]
-        proj = lambda name: nn.DenseGeneral(  # noqa: E731
-            features=(self.num_heads, self.head_dim),
+        num_kv_heads = self.num_kv_heads or self.num_heads
+        proj = lambda name, heads: nn.DenseGeneral(  # noqa: E731
+            features=(heads, self.head_dim),
             use_bias=self.use_bias,
             dtype=self.dtype,
             kernel_init=logical(normal_init(self.init_std), ("embed", "heads", "kv")),
             bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
             name=name,
         )
-        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+        q = proj("query", self.num_heads)(x)
+        k, v = proj("key", num_kv_heads)(x), proj("value", num_kv_heads)(x)
         t = x.shape[1]
+        q_positions = jnp.arange(t) if cache is None else index + jnp.arange(t)
+        if self.positions == "rope":
+            q = rope(q, q_positions, self.rope_theta)
+            k = rope(k, q_positions, self.rope_theta)
         if cache is None:
             mask = causal_mask(t, t)
             new_cache = None
@@ -78,9 +144,12 @@ class CausalSelfAttention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             new_cache = {"k": k, "v": v}
             mask = causal_mask(t, k.shape[1], index)
+        bias = None
+        if self.positions == "alibi":
+            bias = alibi_bias(self.num_heads, q_positions, k.shape[1])
         use_dropout = self.dropout > 0.0 and not deterministic
         out = dot_product_attention(
-            q, k.astype(self.dtype), v.astype(self.dtype), mask,
+            q, k.astype(self.dtype), v.astype(self.dtype), mask, bias=bias,
             dropout_rate=self.dropout if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             dtype=self.dtype,

@@ -62,6 +62,50 @@ class Mlp(nn.Module):
         )(h).reshape(*lead, embed_dim)
 
 
+class SwiGluMlp(nn.Module):
+    """LLaMA's gated MLP: down(silu(gate(x)) * up(x)); parameters ``gate``, ``up``, ``down``."""
+
+    hidden_dim: int
+    use_bias: bool = False
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        embed_dim, lead = x.shape[-1], x.shape[:-1]
+        x = x.reshape(-1, embed_dim)  # 2-D matmuls over [B*T, E], as in ``Mlp`` (same reason)
+        dense = lambda features, std, axes, name: nn.Dense(  # noqa: E731
+            features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=logical(normal_init(std), axes),
+            bias_init=logical(nn.initializers.zeros, axes[-1:]),
+            name=name,
+        )
+        gate = dense(self.hidden_dim, self.init_std, ("embed", "mlp"), "gate")(x)
+        up = dense(self.hidden_dim, self.init_std, ("embed", "mlp"), "up")(x)
+        h = jax.nn.silu(gate) * up
+        out = dense(embed_dim, self.out_init_std, ("mlp", "embed"), "down")(h)
+        return out.reshape(*lead, embed_dim)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable ``scale`` (LLaMA's): x / sqrt(mean(x^2) + eps) * scale, computed in
+    float32 and returned in ``dtype``."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+                           jnp.float32)
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+        return (x * scale).astype(self.dtype)
+
+
 def layer_norm(*, use_bias: bool = True, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
                name: str | None = None) -> nn.LayerNorm:
     """LayerNorm with PyTorch's epsilon (1e-5) and optional bias, as nanoGPT's ``LayerNorm``."""
