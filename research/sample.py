@@ -34,7 +34,7 @@ def load_model(workdir: str, which: str = "latest"):
     from research.core import checkpoint as ckpt_lib
     from research.core.mesh import make_mesh
     from research.core.train import build_state
-    from research.data.tokenizers import CharTokenizer
+    from research.data.tokenizers import tokenizer_from_json
 
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
@@ -58,7 +58,7 @@ def load_model(workdir: str, which: str = "latest"):
     meta = ckpt.read_meta(step)
     if "model" in meta:  # the checkpoint's own model config, whatever config.json says now
         config.model = ml_collections.ConfigDict(meta["model"])
-    task = tasks.get(config.task)(config, tokenizer=CharTokenizer.from_json(meta["tokenizer"]))
+    task = tasks.get(config.task)(config, tokenizer=tokenizer_from_json(meta["tokenizer"]))
     mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
     _, _, _, abstract, shardings = build_state(task, config, mesh)
     _, state, _ = ckpt.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step=step)
