@@ -310,20 +310,27 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], cfg: TransformerCon
     return traverse_util.unflatten_dict(flat)
 
 
+def flat_params_checked(params, shapes: dict, cfg, error=None) -> dict:
+    """Our params flattened to ``{path: array}``, checked against the expected ``shapes`` of
+    ``cfg``; ``error`` (default ``HFConversionError``) names the first mismatched parameter."""
+    error = error or HFConversionError
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+    for path, shape in shapes.items():
+        got = tuple(np.shape(flat[path])) if path in flat else None
+        if got != shape:
+            raise error(f"parameter {'/'.join(path)} has shape {got}, expected {shape} for {cfg}.")
+    extra = sorted("/".join(p) for p in set(flat) - set(shapes))
+    if extra:
+        raise error(f"parameters with no place in {cfg}: {extra[:8]}")
+    return flat
+
+
 def params_to_hf_state_dict(params, cfg: TransformerConfig) -> dict[str, np.ndarray]:
     """Our params -> the state dict of ``transformers.GPT2LMHeadModel`` (float32 numpy arrays;
     keys as in its ``state_dict()``, ``lm_head.weight`` included even when tied)."""
     _check_gpt2_config(cfg)
     plan, shapes = _plan(cfg)
-    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
-    for path, shape in shapes.items():
-        got = tuple(np.shape(flat[path])) if path in flat else None
-        if got != shape:
-            raise HFConversionError(f"parameter {'/'.join(path)} has shape {got}, expected "
-                                    f"{shape} for {cfg}.")
-    extra = sorted("/".join(p) for p in set(flat) - set(shapes))
-    if extra:
-        raise HFConversionError(f"parameters with no place in {cfg}: {extra[:8]}")
+    flat = flat_params_checked(params, shapes, cfg, HFConversionError)
     out = {}
     for name, kind, paths, hf_shape in plan:
         if paths is None:

@@ -51,7 +51,6 @@ import os
 from types import SimpleNamespace
 from typing import Any, Mapping
 
-import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
@@ -283,15 +282,7 @@ def params_to_hf_llama_state_dict(params, cfg: TransformerConfig) -> dict[str, n
     keys as in its ``state_dict()``, ``lm_head.weight`` included even when tied). The exact
     inverse of ``from_hf_llama_state_dict``."""
     plan, shapes = _plan(cfg)
-    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
-    for path, shape in shapes.items():
-        got = tuple(np.shape(flat[path])) if path in flat else None
-        if got != shape:
-            raise HFConversionError(f"parameter {'/'.join(path)} has shape {got}, expected "
-                                    f"{shape} for {cfg}.")
-    extra = sorted("/".join(p) for p in set(flat) - set(shapes))
-    if extra:
-        raise HFConversionError(f"parameters with no place in {cfg}: {extra[:8]}")
+    flat = hf_gpt2.flat_params_checked(params, shapes, cfg, HFConversionError)
     out = {}
     for name, kind, path, _ in plan:
         out[name if name.startswith("lm_head.") else _PREFIX + name] = _to_hf(kind, _np(flat[path]))
