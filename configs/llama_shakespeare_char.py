@@ -18,57 +18,21 @@ Sample:
 Variants: --config.model.positions=alibi (ALiBi biases, no position parameters),
 --config.model.num_kv_heads=1 (multi-query), --config.model.num_kv_heads=4 (plain multi-head).
 """
-import ml_collections
-
-from research.core.config import parse_arg
+from research.core.config import parse_arg, sibling_config
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, smoke=False)
-    c = ml_collections.ConfigDict()
-    c.task = "lm"
-    c.seed = 1337
-    c.model = ml_collections.ConfigDict(dict(
-        num_layers=4, num_heads=4, embed_dim=128, max_len=64,
+    gpt = sibling_config(__file__, "gpt_shakespeare_char")
+    c = gpt.get_config("size=baby,smoke" if arg.smoke else "size=baby")
+    c.model.update(dict(
         mlp="swiglu", mlp_hidden=384,  # 3 E: with GQA's smaller key/value projections, a layer
                                        # has exactly the GPT layer's 12 E^2 + 2 E parameters
         norm="rmsnorm", norm_eps=1e-5,
         positions="rope", rope_theta=10000.0,
         num_kv_heads=2,
-        dropout=0.0,
-        use_bias=False,
         tie_embeddings=False,
-        dtype="float32",         # compute dtype: 'bfloat16' for mixed precision (params stay fp32)
-        remat="none",            # or 'nothing_saveable', 'dots_saveable', ...
     ))
-    c.data = ml_collections.ConfigDict(dict(
-        name="tiny_shakespeare",
-        manual_dir=ml_collections.config_dict.placeholder(str),  # or $RESEARCH_SHAKESPEARE_DIR
-        data_dir=ml_collections.config_dict.placeholder(str),    # or $RESEARCH_DATA_DIR
-    ))
-    c.batch_size = 12
-    c.grad_accum_steps = 1
-    c.total_steps = 2000
-    c.optim = ml_collections.ConfigDict(dict(
-        name="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=2000,
-        schedule="cosine", b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
-    c.log_every = 10
-    c.eval_every = 250
-    c.eval_batches = 20
-    c.eval_batch_size = ml_collections.config_dict.placeholder(int)  # None = batch_size
-    c.checkpoint_every = 250
-    c.keep_checkpoints = 2
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, pipeline=1, expert=1))
-    c.sharding = ml_collections.ConfigDict(dict(preset="data_parallel"))
-    c.peak_flops = ml_collections.config_dict.placeholder(float)  # None = detect
     if arg.smoke:
-        c.model.update(num_layers=2, num_heads=2, embed_dim=32, max_len=32, mlp_hidden=96,
-                       num_kv_heads=1)
-        c.batch_size = 8
-        c.total_steps = 6
-        c.optim.update(warmup_steps=2, decay_steps=6)
-        c.log_every = 2
-        c.eval_every = 3
-        c.eval_batches = 2
-        c.checkpoint_every = 3
+        c.model.update(dict(mlp_hidden=96, num_kv_heads=1))
     return c

@@ -39,6 +39,19 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+def sibling_config(config_file: str, name: str):
+    """The config module ``name``.py beside ``config_file`` (a config that extends another one),
+    loaded by path so it works whatever the working directory."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(config_file).resolve().with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _coerce(key: str, value: str, default: Any) -> Any:
     if isinstance(default, bool):
         if value.lower() in ("1", "true", "yes"):
