@@ -11,7 +11,7 @@ from PIL import Image
 
 from research.data.tiny_shakespeare import CANONICAL_URL
 from tests.e2e import (MESH_RE, PROGRESS_RE, SMOKE, assert_clean_error, finished_steps, launch,
-                       metrics_rows, smoke_run, subprocess_env)
+                       metrics_rows, sample, smoke_run, subprocess_env)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,8 @@ CONFIG_ERRORS = {
                            "Config error:", ["'sise'", "Did you mean 'size'"]),
     "missing_config_file": ([], "configs/no_such_config.py", "Config error:",
                             ["configs/no_such_config.py"]),
+    "bpe_vocab_below_bytes": (["--config.data.vocab_size=100"], "configs/gpt_shakespeare_bpe.py:smoke",
+                              "Config error:", ["config.data.vocab_size=100", ">= 256"]),
 }
 
 
@@ -124,3 +126,17 @@ def test_workdir_of_another_model_is_refused_and_left_untouched(smoke, tmp_path)
     # Checkpoints, config.json (what research.sample builds the model from) and metrics untouched.
     changed = sorted(str(k) for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert changed == [], changed
+
+
+def test_bpe_smoke_run_reports_bits_per_char_and_samples(shakespeare_env, tmp_path):
+    workdir = tmp_path / "bpe"
+    proc = launch(workdir, config="configs/gpt_shakespeare_bpe.py:smoke")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    evals = [r for r in metrics_rows(workdir) if "val/loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:  # ~0.53 BPE tokens per character of the validation text
+        ratio = r["val/bits_per_char"] * math.log(2) / r["val/loss"]
+        assert 0.45 < ratio < 0.6, ratio
+    out = sample(workdir, "--prompt", "ROMEO:", "--max_new_tokens", "8", "--greedy")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.startswith("ROMEO:")
