@@ -89,7 +89,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(shakespeare_env, tmp
     finally:
         for proc in procs:
             kill(proc)
-    (out0, err0), (out1, err1) = output(logs[0]), output(logs[1])
+    (out0, err0), (_, err1) = output(logs[0]), output(logs[1])
     assert [p.returncode for p in procs] == [0, 0], f"{err0[-3000:]}\n-----\n{err1[-3000:]}"
     stopped = re.findall(r"Stopped by signal \(on another process\) at step (\d+);", out0)
     assert len(stopped) == 1, out0[-2000:]
