@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from research.core.config import ConfigError
-from research.nn.attention import Cache, CausalSelfAttention, init_cache
+from research.nn.attention import Cache, MultiHeadAttention, init_cache
 from research.nn.layers import (
     ACTIVATIONS, Mlp, RMSNorm, SwiGluMlp, layer_norm, logical, normal_init)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope", "alibi")
 REMAT_POLICIES = {
@@ -60,6 +61,8 @@ class TransformerConfig:
     positions: str = "learned"      # 'learned' (pos_embed, max_len enforced) | 'rope' | 'alibi'
     rope_theta: float = 10000.0     # RoPE base (LLaMA 3: 500000)
     num_kv_heads: int | None = None  # key/value heads (GQA/MQA); None = num_heads
+    norm_position: str = "pre"      # 'pre' (GPT-2, LLaMA: x + f(norm(x)), a final norm) |
+                                    # 'post' (BERT, the original Transformer: norm(x + f(x)))
 
     def __post_init__(self):
         checks = {
@@ -75,6 +78,7 @@ class TransformerConfig:
             "remat": self.remat == "none" or self.remat in REMAT_POLICIES,
             "norm": self.norm in NORMS,
             "norm_eps": self.norm_eps > 0,
+            "norm_position": self.norm_position in NORM_POSITIONS,
             "mlp": self.mlp in MLPS,
             "mlp_hidden": self.mlp_hidden is None or self.mlp_hidden > 0,
             "positions": self.positions in POSITIONS and (
@@ -90,6 +94,7 @@ class TransformerConfig:
             "dtype": f"one of {sorted(DTYPES)}",
             "remat": f"'none' or one of {sorted(REMAT_POLICIES)}",
             "norm": f"one of {list(NORMS)}",
+            "norm_position": f"one of {list(NORM_POSITIONS)}",
             "mlp": f"one of {list(MLPS)}",
             "mlp_hidden": "None or a positive int",
             "positions": f"one of {list(POSITIONS)}; 'rope' needs an even head_dim = embed_dim / "
@@ -135,31 +140,61 @@ def make_norm(cfg: TransformerConfig, name: str | None = None) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+    """A transformer block. Pre-norm (``cfg.norm_position='pre'``): x + Attn(Norm(x)), then
+    x + MLP(Norm(x)); post-norm: Norm(x + Attn(x)), then Norm(x + MLP(x)).
+
+    ``causal=False`` makes the self-attention bidirectional (encoders; ``mask`` [B, 1, 1, S] for
+    padding). ``cross=True`` adds a cross-attention sub-layer between the two (``cross_attn``,
+    ``cross_norm``) attending to ``context`` under ``context_mask`` (encoder-decoder models).
+    """
 
     cfg: TransformerConfig
+    causal: bool = True
+    cross: bool = False
 
     @nn.compact
-    def __call__(self, x, cache: Cache | None = None, index=None, deterministic: bool = True):
+    def __call__(self, x, cache: Cache | None = None, index=None, deterministic: bool = True,
+                 mask=None, context=None, context_mask=None):
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.num_layers)
         dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
-        h = make_norm(cfg, name="attn_norm")(x)
-        h, cache = CausalSelfAttention(
-            num_heads=cfg.num_heads, head_dim=cfg.head_dim, dropout=cfg.dropout,
-            use_bias=cfg.use_bias, out_init_std=out_std, dtype=cfg.compute_dtype,
-            num_kv_heads=cfg.kv_heads, rope_theta=cfg.rope_theta,
-            positions=None if cfg.positions == "learned" else cfg.positions, name="attn",
-        )(h, cache=cache, index=index, deterministic=deterministic)
-        x = x + dropout(h)
-        h = make_norm(cfg, name="mlp_norm")(x)
+        pre = cfg.norm_position == "pre"
+
+        def sublayer(x, norm_name, f):
+            h = f(make_norm(cfg, name=norm_name)(x) if pre else x)
+            x = x + dropout(h)
+            return x if pre else make_norm(cfg, name=norm_name)(x)
+
+        def attention(name, causal, positions):
+            return MultiHeadAttention(
+                num_heads=cfg.num_heads, head_dim=cfg.head_dim, dropout=cfg.dropout,
+                use_bias=cfg.use_bias, out_init_std=out_std, dtype=cfg.compute_dtype,
+                num_kv_heads=cfg.kv_heads, rope_theta=cfg.rope_theta, positions=positions,
+                causal=causal, name=name)
+
+        positions = None if cfg.positions == "learned" else cfg.positions
+        new_cache = []
+
+        def self_attn(h):
+            out, c = attention("attn", self.causal, positions)(
+                h, cache=cache, index=index, deterministic=deterministic, mask=mask)
+            new_cache.append(c)
+            return out
+
+        x = sublayer(x, "attn_norm", self_attn)
+        if self.cross:
+            if context is None:
+                raise ValueError("A Block with cross=True needs `context` (the encoder output).")
+            x = sublayer(x, "cross_norm", lambda h: attention("cross_attn", False, None)(
+                h, context=context, mask=context_mask, deterministic=deterministic)[0])
         if cfg.mlp == "swiglu":
-            h = SwiGluMlp(cfg.mlp_hidden_dim, use_bias=cfg.use_bias, out_init_std=out_std,
-                          dtype=cfg.compute_dtype, name="mlp")(h)
+            mlp = SwiGluMlp(cfg.mlp_hidden_dim, use_bias=cfg.use_bias, out_init_std=out_std,
+                            dtype=cfg.compute_dtype, name="mlp")
         else:
-            h = Mlp(cfg.mlp_hidden_dim, activation=cfg.activation, use_bias=cfg.use_bias,
-                    out_init_std=out_std, dtype=cfg.compute_dtype, name="mlp")(h)
-        return x + dropout(h), cache
+            mlp = Mlp(cfg.mlp_hidden_dim, activation=cfg.activation, use_bias=cfg.use_bias,
+                      out_init_std=out_std, dtype=cfg.compute_dtype, name="mlp")
+        x = sublayer(x, "mlp_norm", mlp)
+        return x, new_cache[0]
 
 
 class Decoder(nn.Module):
@@ -180,7 +215,8 @@ class Decoder(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
         self.blocks = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
-        self.final_norm = make_norm(cfg)
+        if cfg.norm_position == "pre":
+            self.final_norm = make_norm(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
@@ -188,6 +224,18 @@ class Decoder(nn.Module):
                 kernel_init=logical(normal_init(0.02), ("embed", "vocab")))
 
     def _forward(self, tokens, positions, caches, index, deterministic):
+        x, new_caches = self._trunk(tokens, positions, caches, index, deterministic)
+        return self.head(x), new_caches
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final hidden states [..., E] -> logits [..., vocab] (float32)."""
+        if self.cfg.tie_embeddings:
+            logits = self.token_embed.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def _trunk(self, tokens, positions, caches, index, deterministic):
         x = self.token_embed(tokens)
         if self.cfg.positions == "learned":
             x = x + self.pos_embed[positions].astype(self.cfg.compute_dtype)
@@ -196,18 +244,23 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[f"layer_{i}"]
             x, new_caches[f"layer_{i}"] = block(x, cache, index, deterministic)
-        x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
-            logits = self.token_embed.attend(x)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32), (None if caches is None else new_caches)
+        if self.cfg.norm_position == "pre":
+            x = self.final_norm(x)
+        return x, (None if caches is None else new_caches)
 
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """tokens [B, T] -> logits [B, T, vocab] (float32)."""
         self._check_length(tokens.shape[1])
         logits, _ = self._forward(tokens, jnp.arange(tokens.shape[1]), None, None, deterministic)
         return logits
+
+    def hidden(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """tokens [B, T] -> final hidden states [B, T, E] (after the final norm), the input of the
+        output head: for scalar heads (reward and value models) and feature extraction.
+        ``Decoder.apply({'params': p}, tokens, method='hidden')``."""
+        self._check_length(tokens.shape[1])
+        x, _ = self._trunk(tokens, jnp.arange(tokens.shape[1]), None, None, deterministic)
+        return x
 
     def decode(self, tokens: jax.Array, caches: dict[str, Cache], index: jax.Array):
         """Run new tokens [B, T] at positions [index, index+T), reading/writing the KV caches."""

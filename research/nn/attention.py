@@ -1,4 +1,5 @@
-"""Causal multi-head attention with an explicit, pure key/value cache.
+"""Multi-head attention (causal or bidirectional self-attention, cross-attention) with an
+explicit, pure key/value cache.
 
 The cache is a plain dict ``{'k': [B, S, K, D], 'v': [B, S, K, D]}`` (K key/value heads) passed
 in and returned, so decoding stays a pure function (no mutable Flax collections). ``index`` is the
@@ -10,6 +11,9 @@ by groups of ``num_heads // num_kv_heads`` query heads; the cache holds only the
 position embeddings (``positions='rope'``, HF/LLaMA "rotate_half" layout) and ALiBi linear biases
 (``positions='alibi'``). Positions are absolute (``index + t``), so the cached decode path agrees
 with the full forward.
+
+The same module serves encoders (``causal=False`` with a padding ``mask``) and encoder-decoder
+cross-attention (``context=``: keys/values from the encoder output, ``mask`` over its padding).
 """
 from __future__ import annotations
 
@@ -100,10 +104,15 @@ def dot_product_attention(q, k, v, mask, *, bias=None, dropout_rate=0.0, dropout
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; separate query/key/value kernels [embed, heads, kv]
-    (key/value with ``num_kv_heads`` heads). ``positions``: None (the caller adds positions to the
-    input), 'rope' (rotary, applied to q and k) or 'alibi' (linear biases on the logits)."""
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention; separate query/key/value kernels [embed, heads, kv] (key/value with
+    ``num_kv_heads`` heads). ``positions``: None (the caller adds positions to the input), 'rope'
+    (rotary, applied to q and k) or 'alibi' (linear biases on the logits).
+
+    ``causal``: each query sees only keys at positions <= its own (decoders); ``False`` for
+    encoders. ``mask``: an extra boolean mask broadcastable to [B, H, T, S] (True = attend), e.g.
+    ``padding[:, None, None, :]``, ANDed with the causal mask. ``context`` [B, S, E']: cross-
+    attention, keys and values from ``context`` (no positions, not causal, no cache)."""
 
     num_heads: int
     head_dim: int
@@ -115,9 +124,11 @@ class CausalSelfAttention(nn.Module):
     num_kv_heads: int | None = None
     positions: str | None = None
     rope_theta: float = 10000.0
+    causal: bool = True
 
     @nn.compact
-    def __call__(self, x, *, cache: Cache | None = None, index=None, deterministic: bool = True):
+    def __call__(self, x, *, cache: Cache | None = None, index=None, deterministic: bool = True,
+                 mask: jax.Array | None = None, context: jax.Array | None = None):
         embed_dim = x.shape[-1]
         num_kv_heads = self.num_kv_heads or self.num_heads
         proj = lambda name, heads: nn.DenseGeneral(  # noqa: E731
@@ -128,28 +139,40 @@ class CausalSelfAttention(nn.Module):
             bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
             name=name,
         )
+        cross = context is not None
+        if cross and cache is not None:
+            raise ValueError("Cross-attention takes no KV cache (its keys come from `context`).")
         q = proj("query", self.num_heads)(x)
-        k, v = proj("key", num_kv_heads)(x), proj("value", num_kv_heads)(x)
+        kv_in = context if cross else x
+        k, v = proj("key", num_kv_heads)(kv_in), proj("value", num_kv_heads)(kv_in)
         t = x.shape[1]
         q_positions = jnp.arange(t) if cache is None else index + jnp.arange(t)
-        if self.positions == "rope":
+        if self.positions == "rope" and not cross:
             q = rope(q, q_positions, self.rope_theta)
             k = rope(k, q_positions, self.rope_theta)
-        if cache is None:
-            mask = causal_mask(t, t)
-            new_cache = None
-        else:
+        new_cache = None
+        if cache is not None:
             start = (0, index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             new_cache = {"k": k, "v": v}
-            mask = causal_mask(t, k.shape[1], index)
+        s = k.shape[1]
+        if self.causal and not cross:
+            attn_mask = causal_mask(t, s, 0 if cache is None else index)
+        elif cache is not None:  # bidirectional over the filled part of the cache
+            attn_mask = jnp.broadcast_to(jnp.arange(s)[None, :] < index + t, (t, s))
+        else:
+            attn_mask = jnp.ones((t, s), bool)
+        if mask is not None:
+            attn_mask = jnp.logical_and(attn_mask, mask)
         bias = None
-        if self.positions == "alibi":
-            bias = alibi_bias(self.num_heads, q_positions, k.shape[1])
+        if self.positions == "alibi" and not cross:
+            bias = alibi_bias(self.num_heads, q_positions, s)
+            if not self.causal:  # symmetric distances for bidirectional ALiBi
+                bias = -jnp.abs(bias)
         use_dropout = self.dropout > 0.0 and not deterministic
         out = dot_product_attention(
-            q, k.astype(self.dtype), v.astype(self.dtype), mask, bias=bias,
+            q, k.astype(self.dtype), v.astype(self.dtype), attn_mask, bias=bias,
             dropout_rate=self.dropout if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             dtype=self.dtype,
@@ -164,3 +187,7 @@ class CausalSelfAttention(nn.Module):
             name="out",
         )(out)
         return out, new_cache
+
+
+# The decoder's name for it (causal is the default).
+CausalSelfAttention = MultiHeadAttention

@@ -7,6 +7,19 @@ from research.core.config import ConfigError
 
 _REGISTRY = {
     "lm": "research.tasks.lm:LMTask",
+    "mlm": "research.tasks.mlm:MLMTask",
+    "seq2seq": "research.tasks.seq2seq:Seq2SeqTask",
+    "classify": "research.tasks.classify:ClassifyTask",
+    "clip": "research.tasks.clip:ClipTask",
+    "finetune": "research.tasks.finetune:FinetuneTask",
+    "sft": "research.tasks.sft:SFTTask",
+    "reward": "research.tasks.reward:RewardTask",
+    "dpo": "research.tasks.dpo:DPOTask",
+    "ppo": "research.tasks.ppo:PPOTask",
+    "ddpm": "research.tasks.ddpm:DDPMTask",
+    "vq": "research.tasks.vq:VQTask",
+    "ldm": "research.tasks.ldm:LDMTask",
+    "unclip": "research.tasks.unclip:UnclipTask",
 }
 
 
