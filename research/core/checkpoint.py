@@ -116,13 +116,31 @@ class Checkpointer:
         self.manager.close()
 
 
+# Meta entries that must be equal to resume: the objective, the architecture, and the vocabulary
+# (two tokenizers of one size map text to different ids: the embeddings would be meaningless).
+COMPARED = ("task", "model", "tokenizer")
+
+
+def _tokenizer_diff(a: Any, b: Any) -> str:
+    def describe(t):
+        if not isinstance(t, dict):
+            return repr(t)
+        size = len(t.get("chars", "")) if "chars" in t else t.get("vocab_size", "?")
+        return f"{t.get('type', '?')} tokenizer ({size} symbols)"
+    same = describe(a) == describe(b)
+    return (f"tokenizer: checkpoint {describe(a)} vs config {describe(b)}"
+            + (" with a different vocabulary" if same else ""))
+
+
 def check_compatible(saved: dict, current: dict, directory: str) -> None:
-    """Refuse to resume (or overwrite) a checkpoint made for another task or model."""
+    """Refuse to resume (or overwrite) a checkpoint made for another task, model or vocabulary."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
-        if key in ("task", "model") and saved.get(key) != current.get(key):
+        if key in COMPARED and saved.get(key) != current.get(key):
             a, b = saved.get(key), current.get(key)
-            if isinstance(a, dict) and isinstance(b, dict):
+            if key == "tokenizer":  # a vocabulary is too long to print: say what differs
+                diffs.append(_tokenizer_diff(a, b))
+            elif isinstance(a, dict) and isinstance(b, dict):
                 diffs += [f"{key}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
                           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             else:
