@@ -36,12 +36,16 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def make_train_step(task, tx, schedule, accum: int):
+def make_train_step(task, tx, schedule, accum: int, grad_sharding=None):
     """``(state, batch) -> (state, metrics)``; with ``accum`` > 1 the batch is split into ``accum``
-    microbatches whose gradients are averaged (equal to the full batch's gradient)."""
+    microbatches whose gradients are averaged (equal to the full batch's gradient).
+    ``grad_sharding``: shardings the gradients are constrained to (ZeRO-2: reduce-scattered to the
+    optimizer state's layout), or None."""
 
     def grads_of(params, batch, rng):
         (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch, rng, True)
+        if grad_sharding is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
         return grads, metrics
 
     def step(state, batch):
@@ -118,7 +122,7 @@ class _StopFlag:
 def build_state(task, config, mesh):
     """Returns ``(tx, schedule, init_fn, abstract_state, state_shardings)``."""
     tx, schedule = optim.build(config, task.trainable)
-    rules = sharding.rules_from_config(config.sharding)
+    preset = sharding.preset_from_config(config.sharding)
 
     def init_boxed(rng):
         init_rng, train_rng = jax.random.split(rng)
@@ -128,11 +132,24 @@ def build_state(task, config, mesh):
 
     boxed = jax.eval_shape(init_boxed, jax.random.key(config.seed))
     specs = nn.get_partition_spec(boxed)
-    shardings = sharding.logical_to_sharding(specs, mesh, rules)
+    shardings = sharding.state_shardings(specs, mesh, preset)
     abstract = nn.meta.unbox(boxed)
-    sharding.check_divisible(abstract, shardings)
+    sharding.check_divisible(abstract["params"], shardings["params"], specs["params"])
+    sharding.check_divisible(abstract, shardings, specs)
     init_fn = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=shardings)
     return tx, schedule, init_fn, abstract, shardings
+
+
+def jit_train_step(task, config, mesh, tx, schedule, state_sh):
+    """The jitted, donated train step under the preset's activation rules (and, for ZeRO-2, with
+    the gradients constrained to the optimizer state's layout)."""
+    preset = sharding.preset_from_config(config.sharding)
+    abstract_specs = nn.get_partition_spec(jax.eval_shape(task.init, jax.random.key(0)))
+    grad_sh = sharding.grad_shardings(abstract_specs, mesh, preset)
+    step = make_train_step(task, tx, schedule, config.grad_accum_steps, grad_sh)
+    return jax.jit(sharding.with_activation_context(step, mesh, preset.params),
+                   in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, None), donate_argnums=0)
 
 
 def run(config, task, workdir: str) -> dict[str, Any]:
@@ -165,11 +182,10 @@ def run(config, task, workdir: str) -> dict[str, Any]:
         print(f"Parameters: {n_params:,}; mesh {dict(mesh.shape)}; devices "
               f"{jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
 
-    train_step = jax.jit(make_train_step(task, tx, schedule, config.grad_accum_steps),
-                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                         donate_argnums=0)
-    eval_step = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(0), False)[1],
-                        in_shardings=(state_sh["params"], batch_sh))
+    train_step = jit_train_step(task, config, mesh, tx, schedule, state_sh)
+    eval_step = jax.jit(sharding.with_activation_context(
+        lambda p, b: task.loss(p, b, jax.random.key(0), False)[1], mesh,
+        sharding.rules_from_config(config.sharding)), in_shardings=(state_sh["params"], batch_sh))
     eval_bs = config.get("eval_batch_size") or config.batch_size
     eval_batches = None
 
@@ -220,7 +236,10 @@ def run(config, task, workdir: str) -> dict[str, Any]:
     step = step0
     with _StopFlag() as stop:
         while step < config.total_steps:
-            batch = sharding.put_batch(next(data), batch_sh)
+            batch = next(data)
+            if compile_time is None:
+                sharding.check_batch_arrays(batch, mesh)
+            batch = sharding.put_batch(batch, batch_sh)
             t0 = time.perf_counter()
             state, step_metrics = train_step(state, batch)
             if sync_each_step:

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from research.core.config import ConfigError
+from research.core.sharding import constrain
 from research.nn.attention import Cache, MultiHeadAttention, init_cache
+from research.nn.flash import IMPLS as ATTENTION_IMPLS
 from research.nn.layers import (
     ACTIVATIONS, Mlp, RMSNorm, SwiGluMlp, layer_norm, logical, normal_init)
 
@@ -63,6 +65,8 @@ class TransformerConfig:
     num_kv_heads: int | None = None  # key/value heads (GQA/MQA); None = num_heads
     norm_position: str = "pre"      # 'pre' (GPT-2, LLaMA: x + f(norm(x)), a final norm) |
                                     # 'post' (BERT, the original Transformer: norm(x + f(x)))
+    attention_impl: str = "xla"     # 'xla' (naive) | 'blockwise' (FlashAttention-style, any
+                                    # backend) | 'cudnn' | 'pallas' (GPU/TPU): research.nn.flash
 
     def __post_init__(self):
         checks = {
@@ -84,6 +88,7 @@ class TransformerConfig:
             "positions": self.positions in POSITIONS and (
                 self.positions != "rope" or self.embed_dim // max(self.num_heads, 1) % 2 == 0),
             "rope_theta": self.rope_theta > 0,
+            "attention_impl": self.attention_impl in ATTENTION_IMPLS,
             "num_kv_heads": self.num_kv_heads is None or (
                 self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0),
         }
@@ -100,6 +105,7 @@ class TransformerConfig:
             "positions": f"one of {list(POSITIONS)}; 'rope' needs an even head_dim = embed_dim / "
                          f"num_heads (here {self.embed_dim}/{self.num_heads})",
             "num_kv_heads": f"None or a positive divisor of num_heads={self.num_heads}",
+            "attention_impl": f"one of {list(ATTENTION_IMPLS)}",
         }
         for key, ok in checks.items():
             if not ok:
@@ -170,7 +176,7 @@ class Block(nn.Module):
                 num_heads=cfg.num_heads, head_dim=cfg.head_dim, dropout=cfg.dropout,
                 use_bias=cfg.use_bias, out_init_std=out_std, dtype=cfg.compute_dtype,
                 num_kv_heads=cfg.kv_heads, rope_theta=cfg.rope_theta, positions=positions,
-                causal=causal, name=name)
+                causal=causal, attention_impl=cfg.attention_impl, name=name)
 
         positions = None if cfg.positions == "learned" else cfg.positions
         new_cache = []
@@ -244,6 +250,7 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[f"layer_{i}"]
             x, new_caches[f"layer_{i}"] = block(x, cache, index, deterministic)
+            x = constrain(x, ("act_batch", "act_length", "act_embed"), "residual stream")
         if self.cfg.norm_position == "pre":
             x = self.final_norm(x)
         return x, (None if caches is None else new_caches)

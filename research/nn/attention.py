@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.core.sharding import constrain
 from research.nn.layers import logical, normal_init
 
 Dtype = Any
@@ -75,13 +76,26 @@ def alibi_bias(num_heads: int, q_positions: jax.Array, k_len: int) -> jax.Array:
 
 
 def dot_product_attention(q, k, v, mask, *, bias=None, dropout_rate=0.0, dropout_rng=None,
-                          dtype=jnp.float32):
+                          dtype=jnp.float32, impl: str = "xla", causal: bool = False):
     """softmax(q k^T / sqrt(d) + bias) v with a boolean mask; logits and softmax in float32.
 
     q: [B, T, H, D], k/v: [B, S, K, D] with K dividing H (grouped-query attention: query head h
-    uses key/value head h // (H // K)), mask: broadcastable to [B, H, T, S], bias: optional float
-    broadcastable to [B, H, T, S].
+    uses key/value head h // (H // K)), mask: broadcastable to [B, H, T, S] (or None), bias:
+    optional float broadcastable to [B, H, T, S].
+
+    ``impl`` other than 'xla' (this naive path) hands over to ``research.nn.flash`` ('blockwise',
+    'cudnn', 'pallas'), with ``causal`` applied inside it (no [T, S] mask needed); those take no
+    ``bias`` or dropout.
     """
+    if impl != "xla":
+        from research.nn import flash
+        if bias is not None or dropout_rate > 0.0:
+            from research.core.config import ConfigError
+            raise ConfigError(f"config.model.attention_impl={impl!r} supports neither ALiBi biases "
+                              "nor attention dropout; use attention_impl='xla' for those.")
+        return flash.attention(q, k, v, mask, causal=causal, impl=impl, dtype=dtype)
+    if mask is None:
+        mask = jnp.ones((), bool)
     b, t, h, d = q.shape
     groups = h // k.shape[2]
     scale = 1.0 / jnp.sqrt(d).astype(dtype)
@@ -125,18 +139,21 @@ class MultiHeadAttention(nn.Module):
     positions: str | None = None
     rope_theta: float = 10000.0
     causal: bool = True
+    attention_impl: str = "xla"  # 'xla' (naive) | 'blockwise' | 'cudnn' | 'pallas' (research.nn.flash)
 
     @nn.compact
     def __call__(self, x, *, cache: Cache | None = None, index=None, deterministic: bool = True,
                  mask: jax.Array | None = None, context: jax.Array | None = None):
         embed_dim = x.shape[-1]
         num_kv_heads = self.num_kv_heads or self.num_heads
-        proj = lambda name, heads: nn.DenseGeneral(  # noqa: E731
+        # Key/value heads have their own logical axis ('kv_heads'): under tensor parallelism a
+        # GQA model's num_kv_heads must divide by the tensor size on its own.
+        proj = lambda name, heads, axis="heads": nn.DenseGeneral(  # noqa: E731
             features=(heads, self.head_dim),
             use_bias=self.use_bias,
             dtype=self.dtype,
-            kernel_init=logical(normal_init(self.init_std), ("embed", "heads", "kv")),
-            bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
+            kernel_init=logical(normal_init(self.init_std), ("embed", axis, "kv")),
+            bias_init=logical(nn.initializers.zeros, (axis, "kv")),
             name=name,
         )
         cross = context is not None
@@ -144,7 +161,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("Cross-attention takes no KV cache (its keys come from `context`).")
         q = proj("query", self.num_heads)(x)
         kv_in = context if cross else x
-        k, v = proj("key", num_kv_heads)(kv_in), proj("value", num_kv_heads)(kv_in)
+        k, v = proj("key", num_kv_heads, "kv_heads")(kv_in), proj("value", num_kv_heads, "kv_heads")(kv_in)
+        q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"), "query")
+        k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_kv"), "key")
+        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_kv"), "value")
         t = x.shape[1]
         q_positions = jnp.arange(t) if cache is None else index + jnp.arange(t)
         if self.positions == "rope" and not cross:
@@ -171,11 +191,17 @@ class MultiHeadAttention(nn.Module):
             if not self.causal:  # symmetric distances for bidirectional ALiBi
                 bias = -jnp.abs(bias)
         use_dropout = self.dropout > 0.0 and not deterministic
+        if self.attention_impl != "xla" and cache is None:
+            # Fused/blockwise kernels apply the causal mask themselves: only the padding mask.
+            attn_mask, causal_arg = mask, self.causal and not cross
+        else:
+            causal_arg = False
         out = dot_product_attention(
             q, k.astype(self.dtype), v.astype(self.dtype), attn_mask, bias=bias,
             dropout_rate=self.dropout if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
-            dtype=self.dtype,
+            dtype=self.dtype, impl=self.attention_impl if cache is None else "xla",
+            causal=causal_arg,
         )
         out = nn.DenseGeneral(
             features=embed_dim,
