@@ -97,7 +97,9 @@ def main(argv: list[str]) -> int:
         if not _has_checkpoints(workdir) or not os.path.exists(config_path):
             _write_config(workdir, config)  # else only once train.run accepted them (below)
     task = tasks.get(config.task)(config)
-    summary = train.run(config, task, workdir)
+    # A task that needs its own loop names it (PPO: rollouts between rounds of updates).
+    loop = getattr(task, "train_loop", None) or train.run
+    summary = loop(config, task, workdir)
     if jax.process_index() == 0:
         _write_config(workdir, config)
         print(json.dumps(summary), flush=True)
@@ -128,8 +130,10 @@ def run_cli(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - data and checkpoint errors are user-facing too
         from research.core.checkpoint import CheckpointError
         from research.core.train import NonFiniteLossError
+        from research.data.fashion_mnist import DataNotFoundError as FashionMnistNotFoundError
         from research.data.tiny_shakespeare import DataNotFoundError
-        if isinstance(e, (CheckpointError, NonFiniteLossError, DataNotFoundError)):
+        if isinstance(e, (CheckpointError, NonFiniteLossError, DataNotFoundError,
+                          FashionMnistNotFoundError)):
             print(f"{type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise
