@@ -4,7 +4,9 @@ Config keys read here: ``config.model`` (``TransformerConfig`` fields except ``v
 comes from the tokenizer), ``config.data.name`` ('tiny_shakespeare'), ``config.data.manual_dir``,
 ``config.data.data_dir``, ``config.data.tokenizer`` ('char', the default when the key is absent, or
 'bpe': a byte-level BPE trained on the train split), ``config.data.vocab_size`` (for 'bpe', e.g.
-512), ``config.eval_batches``, ``config.eval_batch_size`` (None = batch_size).
+512), ``config.eval_batches``, ``config.eval_batch_size`` (None = batch_size),
+``config.data.train_range`` (optional (start, end) fractions of the train text to train on; see
+``slice_text``).
 
 Every eval reports ``val/bits_per_char`` besides ``val/loss`` (nats per token) and
 ``val/perplexity``: ``loss * tokens_per_char / ln 2``, where ``tokens_per_char`` is measured once on
@@ -55,8 +57,10 @@ class LMTask(Task):
             from research.data import tiny_shakespeare
             kwargs = dict(data_dir=data.get("data_dir"), manual_dir=data.get("manual_dir"))
             texts = {s: tiny_shakespeare.load_text(s, **kwargs) for s in ("train", "validation")}
+            full_text = texts["train"] + texts["validation"]
+            texts["train"] = slice_text(texts["train"], data.get("train_range"))
             if kind == "char":
-                tokenizer = CharTokenizer.from_text(texts["train"] + texts["validation"])
+                tokenizer = CharTokenizer.from_text(full_text)
             else:
                 vocab_size = data.get("vocab_size")
                 if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 256:
@@ -114,6 +118,24 @@ class LMTask(Task):
             raise RuntimeError("This LMTask was built from a saved tokenizer without data; "
                                "it can sample but not train or evaluate.")
         return self._splits[split]
+
+
+def slice_text(text: str, train_range) -> str:
+    """``config.data.train_range = (start, end)``: the train text's characters
+    ``[int(start * n), int(end * n))`` (fractions of its length n; None = all of it), e.g.
+    ``(0.0, 0.8)`` to pretrain on the first plays and hold the later ones out for fine-tuning."""
+    if train_range is None:
+        return text
+    try:
+        start, end = (float(v) for v in train_range)
+        ok = 0.0 <= start < end <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"config.data.train_range={train_range!r}: expected None or (start, end) "
+                          "fractions with 0 <= start < end <= 1, e.g. (0.0, 0.8)")
+    n = len(text)
+    return text[int(start * n):int(end * n)]
 
 
 def bits_per_char(loss_nats_per_token: float, tokens_per_char: float) -> float:
