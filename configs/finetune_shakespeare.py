@@ -81,9 +81,9 @@ def get_config(arg=None):
         c.batch_size = 4
         c.optim.update(warmup_steps=1, decay_steps=4)
         c.log_every = 2
-        c.eval_every = 2
+        c.eval_every = 4
         c.eval_batches = 2
-        c.checkpoint_every = 2
+        c.checkpoint_every = 4
         c.peft.num_virtual = 4
         c.peft.prefix_hidden = 32
         c.peft.prefix_embed_dim = 16

@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)  # for configs/ when run as a script
 
 RULES = (r"attn/(query|key|value|out)/kernel$", r"mlp/\w+/kernel$")
 

@@ -9,16 +9,27 @@ Results go to ``OUT/results.jsonl`` and a Markdown table ``OUT/table.md``.
     python experiments/peft/run_table.py --base workdirs/peft_base --out workdirs/peft_table \
         --steps 500
     (quick: --steps 60 --methods full,lora1,lora8,qlora8,prompt,prefix)
+
+The trainable fraction of LoRA depends on the base's width (q/v adapters: 4 L E r of ~12 L E^2):
+``--count_sizes baby,default`` prints, without training, the LoRA counts (r in 1, 4, 8, 16 on
+query/value) and Adam-state bytes vs full fine-tuning for the sizes of
+configs/gpt_shakespeare_char.py (vocabulary 65, tiny Shakespeare's characters):
+
+    python experiments/peft/run_table.py --count_sizes baby,default
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)  # for configs/ when run as a script
 
 METHODS = {
     "full": "method=full",
@@ -76,6 +87,35 @@ def measure(name: str, arg: str, base: str, out: str, steps: int, manual_dir: st
     return row
 
 
+def count_sizes(sizes: list[str], vocab_size: int = 65) -> str:
+    """Markdown: LoRA q/v adapter counts per rank for the gpt_shakespeare_char sizes (abstract
+    init with ``jax.eval_shape``: nothing is trained or allocated)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from configs.finetune_shakespeare import TARGETS
+    from configs.gpt_shakespeare_char import get_config as gpt_config
+    from research.models.transformer import Decoder, TransformerConfig
+    from research.peft import lora
+
+    out = ["| size | params | LoRA r | trainable | % (= Adam state, % of full FT) |",
+           "|---|---:|---:|---:|---:|"]
+    for size in sizes:
+        mc = TransformerConfig.from_dict(gpt_config(f"size={size}").model.to_dict(),
+                                         vocab_size=vocab_size)
+        model = Decoder(mc)
+        tokens = jnp.zeros((1, mc.max_len), jnp.int32)
+        params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        targets = lora.find_targets(lambda p: model.apply({"params": p}, tokens), params,
+                                    TARGETS["qv"])
+        for r in (1, 4, 8, 16):
+            k = sum(r * (int(np.prod(t.in_shape)) + int(np.prod(t.out_shape)))
+                    for t in targets.values())
+            out.append(f"| {size} | {n:,} | {r} | {k:,} | {100 * k / n:.3f} |")
+    return "\n".join(out) + "\n"
+
+
 def table(rows) -> str:
     full = next((r for r in rows if r["method"] == "full"), None)
     head = ("| method | trainable | % | opt-state bytes | % of full | train-state bytes | "
@@ -91,12 +131,19 @@ def table(rows) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--base", required=True, help="workdir of the pretraining run")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--base", help="workdir of the pretraining run")
+    ap.add_argument("--out")
+    ap.add_argument("--count_sizes", default=None,
+                    help="e.g. 'baby,default': only print LoRA counts for these base sizes")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--manual_dir", default=None)
     a = ap.parse_args()
+    if a.count_sizes:
+        print(count_sizes(a.count_sizes.split(",")))
+        return
+    if not (a.base and a.out):
+        ap.error("--base and --out are required (unless --count_sizes)")
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for name in a.methods.split(","):

@@ -95,6 +95,30 @@ def test_gradients_match_hand_written_reference():
     np.testing.assert_allclose(grads["lora_b"], s * (x @ a).T @ g, rtol=1e-5, atol=1e-5)
 
 
+def test_adapter_dropout_is_inverted_dropout_on_the_adapter_input_only():
+    """Reference (hand-written): with one-hot inputs x = I, row i of the output is
+    x_i W + b + s * m_i / (1 - p) * A_i B with m_i in {0, 1}: the base path never drops."""
+    dense = nn.Dense(5)
+    x = jnp.eye(6)
+    params = dense.init(jax.random.key(2), x)["params"]
+    cfg = lora.LoraConfig(rules=(r"^kernel$",), rank=3, alpha=6.0, dropout=0.5)
+    ad = {"lora_a": jax.random.normal(jax.random.key(3), (6, 3)),
+          "lora_b": jax.random.normal(jax.random.key(4), (3, 5))}
+    fwd = lambda p: dense.apply({"params": p}, x)  # noqa: E731
+    base = np.asarray(fwd(params))
+    full = cfg.scale / (1 - cfg.dropout) * np.asarray(ad["lora_a"] @ ad["lora_b"])
+    np.testing.assert_allclose(lora.apply(fwd, ad, cfg)(params), base + full * (1 - cfg.dropout),
+                               rtol=1e-5, atol=1e-5)                     # rng=None: no dropout
+    kept = []
+    for k in range(4):
+        d = np.asarray(lora.apply(fwd, ad, cfg, rng=jax.random.key(k))(params)) - base
+        for i in range(6):
+            on = np.allclose(d[i], full[i], rtol=1e-4, atol=1e-5)
+            assert on or np.allclose(d[i], 0.0, atol=1e-6), (k, i)
+            kept.append(on)
+    assert 0.2 < np.mean(kept) < 0.8
+
+
 def test_train_step_changes_only_adapters_and_base_has_no_optimizer_state():
     cfg = lora.LoraConfig(rules=QV, rank=2, dropout=0.1)
     _, params, tokens, fwd, _, ad = setup(cfg)

@@ -5,7 +5,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from research.core.config import ConfigError
 from research.models.transformer import init_caches
 from research.peft import prompt
 from tests.peft.helpers import CFG, lm_loss, nbytes, tiny, train_steps
@@ -64,3 +66,20 @@ def test_prefix_tuning_through_the_kv_cache_and_materialize():
     _unchanged(new["base"], base)
     for k in ("embed", "w1", "w2", "b2"):
         assert not np.array_equal(new["prefix"][k], pf[k]), k
+
+
+def test_prompt_random_init_and_bad_config():
+    """'random': normal with the embedding table's standard deviation (Lester et al. 2021's random
+    init, scaled to the table); bad sizes/inits are ConfigErrors naming the key."""
+    table = jax.random.normal(jax.random.key(0), (50, 32)) * 0.3
+    cfg = prompt.PromptConfig(num_virtual=400, init="random")
+    pr = prompt.init_prompt(jax.random.key(1), table, cfg)
+    assert pr["embedding"].shape == (400, 32)
+    np.testing.assert_allclose(float(jnp.std(pr["embedding"])), float(jnp.std(table)), rtol=0.05)
+    assert abs(float(jnp.mean(pr["embedding"]))) < 0.01
+    with pytest.raises(ConfigError, match="prompt init='vocab'"):
+        prompt.PromptConfig(init="vocab")
+    with pytest.raises(ConfigError, match="num_virtual=0"):
+        prompt.PromptConfig(num_virtual=0)
+    with pytest.raises(ConfigError, match="needs a non-empty text"):
+        prompt.init_prompt(jax.random.key(1), table, prompt.PromptConfig(init="text"), [])
