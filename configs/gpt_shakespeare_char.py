@@ -62,6 +62,7 @@ def get_config(arg=None):
     c.keep_checkpoints = 2
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, pipeline=1, expert=1))
     c.sharding = ml_collections.ConfigDict(dict(preset="data_parallel"))
+    c.pipeline_microbatches = 4  # GPipe microbatches when mesh.pipeline > 1 (research/core/pipeline.py)
     c.peak_flops = ml_collections.config_dict.placeholder(float)  # None = detect
     if arg.smoke:
         c.model.update(num_layers=2, num_heads=2, embed_dim=32, max_len=32)

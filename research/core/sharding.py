@@ -52,6 +52,8 @@ _BASE = {
     "batch": BATCH_AXES, "act_batch": BATCH_AXES, "act_length": None, "act_embed": None,
     "act_heads": None, "act_kv_heads": None, "act_kv": None, "act_mlp": None, "act_vocab": None,
     "expert": "expert", "act_expert": "expert",
+    # MoE dispatched tokens [batch, expert, capacity, embed]: batch over the other data axes.
+    "act_expert_group": ("data", "fsdp"),
     "vocab": None, "embed": None, "heads": None, "kv_heads": None, "kv": None, "mlp": None,
     "length": None,
 }
@@ -194,6 +196,17 @@ def activation_context(mesh, rules: Rules):
     try:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+@contextlib.contextmanager
+def no_activation_constraints():
+    """``constrain`` is a no-op inside (code traced inside a ``shard_map``, where the activations
+    are per-device blocks)."""
+    token = _ACTIVATION_RULES.set(None)
+    try:
+        yield
     finally:
         _ACTIVATION_RULES.reset(token)
 

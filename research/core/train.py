@@ -28,6 +28,7 @@ from research.core import metrics as metrics_lib
 from research.core import optim, sharding
 from research.core.config import validate_train_config
 from research.core.mesh import make_mesh
+from research.core.pipeline import maybe_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def jit_train_step(task, config, mesh, tx, schedule, state_sh):
     """The jitted, donated train step under the preset's activation rules (and, for ZeRO-2, with
     the gradients constrained to the optimizer state's layout)."""
     preset = sharding.preset_from_config(config.sharding)
+    task = maybe_pipeline(task, config, mesh)  # GPipe when config.mesh.pipeline > 1
     abstract_specs = nn.get_partition_spec(jax.eval_shape(task.init, jax.random.key(0)))
     grad_sh = sharding.grad_shardings(abstract_specs, mesh, preset)
     step = make_train_step(task, tx, schedule, config.grad_accum_steps, grad_sh)

@@ -27,6 +27,8 @@ from research.core.config import ConfigError
 from research.core.sharding import constrain
 from research.nn.attention import Cache, MultiHeadAttention, init_cache
 from research.nn.flash import IMPLS as ATTENTION_IMPLS
+from research.nn.moe import ROUTINGS as MOE_ROUTINGS
+from research.nn.moe import MoeMlp
 from research.nn.layers import (
     ACTIVATIONS, Mlp, RMSNorm, SwiGluMlp, layer_norm, logical, normal_init)
 
@@ -36,6 +38,7 @@ NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope", "alibi")
 REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -67,6 +70,14 @@ class TransformerConfig:
                                     # 'post' (BERT, the original Transformer: norm(x + f(x)))
     attention_impl: str = "xla"     # 'xla' (naive) | 'blockwise' (FlashAttention-style, any
                                     # backend) | 'cudnn' | 'pallas' (GPU/TPU): research.nn.flash
+    # Mixture of experts (research.nn.moe): moe_experts > 0 replaces the MLP of every
+    # moe_every-th block (the last of each group) by moe_experts expert MLPs of mlp_hidden_dim.
+    moe_experts: int = 0
+    moe_top_k: int = 1              # 1 (Switch) | 2 (GShard)
+    moe_capacity_factor: float = 1.25
+    moe_aux_loss: float = 0.01      # load-balancing loss coefficient (Switch's alpha)
+    moe_z_loss: float = 1e-3        # router z-loss coefficient (ST-MoE)
+    moe_every: int = 1
 
     def __post_init__(self):
         checks = {
@@ -89,6 +100,13 @@ class TransformerConfig:
                 self.positions != "rope" or self.embed_dim // max(self.num_heads, 1) % 2 == 0),
             "rope_theta": self.rope_theta > 0,
             "attention_impl": self.attention_impl in ATTENTION_IMPLS,
+            "moe_experts": self.moe_experts >= 0 and (self.moe_experts == 0 or (
+                self.mlp == "gelu" and self.moe_top_k <= self.moe_experts)),
+            "moe_top_k": self.moe_top_k in MOE_ROUTINGS,
+            "moe_capacity_factor": self.moe_capacity_factor > 0,
+            "moe_aux_loss": self.moe_aux_loss >= 0,
+            "moe_z_loss": self.moe_z_loss >= 0,
+            "moe_every": self.moe_every >= 1,
             "num_kv_heads": self.num_kv_heads is None or (
                 self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0),
         }
@@ -106,6 +124,11 @@ class TransformerConfig:
                          f"num_heads (here {self.embed_dim}/{self.num_heads})",
             "num_kv_heads": f"None or a positive divisor of num_heads={self.num_heads}",
             "attention_impl": f"one of {list(ATTENTION_IMPLS)}",
+            "moe_experts": f"0 (dense) or a number of experts >= moe_top_k={self.moe_top_k}, "
+                           "with mlp='gelu'",
+            "moe_top_k": f"one of {list(MOE_ROUTINGS)}",
+            "moe_aux_loss": "a coefficient >= 0",
+            "moe_z_loss": "a coefficient >= 0",
         }
         for key, ok in checks.items():
             if not ok:
@@ -157,6 +180,7 @@ class Block(nn.Module):
     cfg: TransformerConfig
     causal: bool = True
     cross: bool = False
+    moe: bool = False  # a mixture-of-experts MLP (cfg.moe_*) instead of the dense one
 
     @nn.compact
     def __call__(self, x, cache: Cache | None = None, index=None, deterministic: bool = True,
@@ -193,7 +217,12 @@ class Block(nn.Module):
                 raise ValueError("A Block with cross=True needs `context` (the encoder output).")
             x = sublayer(x, "cross_norm", lambda h: attention("cross_attn", False, None)(
                 h, context=context, mask=context_mask, deterministic=deterministic)[0])
-        if cfg.mlp == "swiglu":
+        if self.moe:
+            mlp = MoeMlp(cfg.moe_experts, cfg.mlp_hidden_dim, top_k=cfg.moe_top_k,
+                         capacity_factor=cfg.moe_capacity_factor, aux_loss_coef=cfg.moe_aux_loss,
+                         z_loss_coef=cfg.moe_z_loss, activation=cfg.activation,
+                         out_init_std=out_std, dtype=cfg.compute_dtype, name="moe")
+        elif cfg.mlp == "swiglu":
             mlp = SwiGluMlp(cfg.mlp_hidden_dim, use_bias=cfg.use_bias, out_init_std=out_std,
                             dtype=cfg.compute_dtype, name="mlp")
         else:
@@ -220,7 +249,8 @@ class Decoder(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(4,))
-        self.blocks = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        self.blocks = [block(cfg, moe=cfg.moe_experts > 0 and i % cfg.moe_every == cfg.moe_every - 1,
+                             name=f"layer_{i}") for i in range(cfg.num_layers)]
         if cfg.norm_position == "pre":
             self.final_norm = make_norm(cfg)
         self.embed_dropout = nn.Dropout(cfg.dropout)
@@ -303,4 +333,7 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, n_params: int) -> floa
     """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's estimate_mfu:
     6 N + 12 L H Q T, with N the parameter count excluding position embeddings."""
     n = n_params - (cfg.max_len * cfg.embed_dim if cfg.positions == "learned" else 0)
+    if cfg.moe_experts:  # MoE: only the top_k experts a token is routed to are active
+        moe_layers = cfg.num_layers // cfg.moe_every
+        n -= moe_layers * (cfg.moe_experts - cfg.moe_top_k) * 2 * cfg.embed_dim * cfg.mlp_hidden_dim
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

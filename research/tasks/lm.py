@@ -27,6 +27,7 @@ from research.core.config import ConfigError
 from research.data.tokenizers import BpeTokenizer, CharTokenizer
 from research.data.windows import WindowSampler
 from research.models.transformer import Decoder, TransformerConfig, count_params, flops_per_token
+from research.nn.moe import apply_with_moe_losses
 from research.tasks.base import Task
 
 DATASETS = ("tiny_shakespeare",)
@@ -88,10 +89,15 @@ class LMTask(Task):
         return self.model.init({"params": rng}, tokens)["params"]
 
     def loss(self, params, batch, rng, train: bool = True):
-        logits = self.model.apply({"params": params}, batch["inputs"], deterministic=not train,
-                                  rngs={"dropout": rng} if train else None)
+        kwargs = dict(deterministic=not train, rngs={"dropout": rng} if train else None)
+        if self.model_config.moe_experts:  # + the MoE load-balancing and router z-losses
+            logits, aux, moe_metrics = apply_with_moe_losses(
+                self.model, {"params": params}, batch["inputs"], **kwargs)
+        else:
+            logits = self.model.apply({"params": params}, batch["inputs"], **kwargs)
+            aux, moe_metrics = 0.0, {}
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-        return loss, {"loss": loss}
+        return loss + aux, {"loss": loss, **moe_metrics}
 
     def train_data(self, seed: int, batch_size: int) -> WindowSampler:
         return WindowSampler(self._split("train"), batch_size, self.seq_len, seed)
