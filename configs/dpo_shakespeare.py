@@ -31,11 +31,11 @@ def get_config(arg=None):
         label_smoothing=0.0,     # conservative DPO
         reference=ml_collections.config_dict.placeholder(str),  # None = config.init_from
     ))
-    c.total_steps = 6 if arg.smoke else 300
+    c.total_steps = 6 if arg.smoke else 120
     c.batch_size = 8 if arg.smoke else 32
-    c.optim.update(lr=1e-4, min_lr=1e-5, warmup_steps=2 if arg.smoke else 20,
+    c.optim.update(lr=1e-4, min_lr=1e-5, warmup_steps=2 if arg.smoke else 10,
                    decay_steps=c.total_steps, weight_decay=0.0)
-    c.eval_every = 3 if arg.smoke else 50
-    c.checkpoint_every = 3 if arg.smoke else 50
+    c.eval_every = 3 if arg.smoke else 40
+    c.checkpoint_every = 3 if arg.smoke else 20
     c.keep_checkpoints = 10  # evaluate.py --all_checkpoints traces preference rate vs KL
     return c

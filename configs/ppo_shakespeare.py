@@ -27,7 +27,7 @@ def get_config(arg=None):
         reward_model=ml_collections.config_dict.placeholder(str),  # a reward run's workdir
         reference=ml_collections.config_dict.placeholder(str),     # None = config.init_from
         score="reward_model",      # or 'ground_truth' (the preference rule itself; an oracle)
-        rollout_batch=128,         # rollouts per iteration
+        rollout_batch=64,          # rollouts per iteration
         epochs=4,                  # passes over each rollout batch
         clip=0.2,                  # PPO ratio clip
         value_clip=0.2,            # value clip around the rollout's values (None = off)
@@ -39,14 +39,15 @@ def get_config(arg=None):
         temperature=1.0,           # of the rollouts (and of the log-probs PPO uses)
         whiten_advantages=True,
     ))
-    c.total_steps = 3 if arg.smoke else 100  # PPO iterations
+    c.total_steps = 3 if arg.smoke else 30  # PPO iterations
     c.batch_size = 8 if arg.smoke else 32    # minibatch
     # The optimizer steps once per minibatch: rollout_batch / batch_size * epochs per iteration.
-    c.optim.update(lr=3e-5, min_lr=3e-5, warmup_steps=2 if arg.smoke else 10, schedule="constant",
+    c.optim.update(lr=1e-4, min_lr=1e-4, warmup_steps=2 if arg.smoke else 10, schedule="constant",
                    weight_decay=0.0, grad_clip=1.0)
     c.log_every = 1
     c.eval_every = 2 if arg.smoke else 10
-    c.checkpoint_every = 2 if arg.smoke else 10
+    c.checkpoint_every = 2 if arg.smoke else 5
+    c.data.num_eval = 128
     c.keep_checkpoints = 20
     if arg.smoke:
         c.ppo.rollout_batch = 16

@@ -30,7 +30,7 @@ def base_config(smoke: bool) -> ml_collections.ConfigDict:
     c.init_from = ml_collections.config_dict.placeholder(str)  # workdir of the run to start from
     c.data.update(dict(
         prompt_len=32, response_len=16,  # characters (= tokens); prompt + response <= max_len
-        num_train=8192, num_eval=512,    # examples (or pairs) from the train / validation split
+        num_train=4096, num_eval=256,    # examples (or pairs) from the train / validation split
     ))
     c.preference = ml_collections.ConfigDict(dict(
         kind="avoid_chars",  # 'avoid_chars' | 'avoid_words' | 'contains' (research/data/preferences.py)
@@ -49,8 +49,8 @@ def get_config(arg=None):
     arg = parse_arg(arg, smoke=False)
     c = base_config(arg.smoke)
     c.task = "sft"
-    c.total_steps = 6 if arg.smoke else 600
+    c.total_steps = 6 if arg.smoke else 300
     c.batch_size = 8 if arg.smoke else 32
-    c.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=2 if arg.smoke else 50,
+    c.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=2 if arg.smoke else 30,
                    decay_steps=c.total_steps)
     return c

@@ -88,7 +88,8 @@ def _tiny_model():
     cfg = TransformerConfig(vocab_size=TOK.vocab_size, num_layers=1, num_heads=2, embed_dim=16,
                             max_len=24)
     model = Decoder(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 24), jnp.int32))["params"]
+    # jitted: eager init/apply of even a tiny model costs seconds of op-by-op dispatch
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 24), jnp.int32))["params"]
     return model, nn.meta.unbox(params)
 
 
@@ -103,8 +104,8 @@ def test_rollouts_are_deterministic_by_seed():
     np.testing.assert_array_equal(t1[:, :8], prompts)
     np.testing.assert_array_equal(m1[0], [0] * 8 + [1] * 10)
     # The per-token log-probs of the sampled tokens are the model's log-softmax at each step.
-    stats = policy_stats(model, params, t1)
-    logits = model.apply({"params": params}, t1)
+    stats = jax.jit(policy_stats, static_argnums=0)(model, params, t1)
+    logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, t1)
     want = jax.nn.log_softmax(logits, -1)[0, 8 - 1, t1[0, 8]]
     assert float(stats["logp"][0, 8]) == pytest.approx(float(want), rel=1e-5)
     # KL penalty of the policy against itself: zero.

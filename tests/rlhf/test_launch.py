@@ -1,12 +1,11 @@
 """The alignment chain through the real launcher on the smoke configs: SFT (from scratch) ->
 reward model, DPO and PPO from that SFT checkpoint; then the evaluation CLI; and clean errors."""
 import json
-import sys
 
 import pytest
 
 from research.core.config import ConfigError
-from tests.e2e import assert_clean_error, launch, metrics_rows, run
+from tests.e2e import assert_clean_error, launch, metrics_rows
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,9 @@ def test_reward_dpo_ppo_from_the_sft_checkpoint(sft_workdir, tmp_path):
     assert abs(rows[0]["rollout/kl"]) < 1e-4  # the first rollout comes from the reference itself
     assert (ppo / "ppo.png").exists() and (ppo / "checkpoints" / "3").is_dir()
 
-    proc = run([sys.executable, "-m", "research.rlhf.evaluate", "--workdir", str(dpo), "--num_prompts", "8"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The evaluation CLI, in-process (no second interpreter start): true preference rate and KL.
+    from research.rlhf.evaluate import run_cli
+    assert run_cli(["evaluate", f"--workdir={dpo}", "--num_prompts=8"]) == 0
     row = json.loads((dpo / "alignment_eval.jsonl").read_text().splitlines()[-1])
     assert row["num_samples"] == 8 and 0 <= row["true_preference_rate"] <= 1 and "kl" in row
 

@@ -115,3 +115,14 @@ def test_k3_is_nonnegative_and_value_loss_clips():
 
 def test_masked_mean_of_empty_mask_is_zero_not_nan():
     assert float(losses.masked_mean(jnp.ones(3), jnp.zeros(3))) == 0.0
+
+
+def test_length_normalised_dpo_uses_mean_logps():
+    # Length-normalised DPO / IPO (the ``config.dpo.length_normalize`` option): sequence log-probs
+    # are means over the response tokens, so a longer response is not penalised by its length.
+    logp = jnp.array([[0.0, -1.0, -2.0, -3.0], [0.0, -1.0, -1.0, 0.0]])
+    mask = jnp.array([[0, 1, 1, 1], [0, 1, 1, 0]], jnp.float32)
+    np.testing.assert_allclose(losses.sequence_logps(logp, mask), [-6.0, -2.0])
+    np.testing.assert_allclose(losses.sequence_logps(logp, mask, length_normalize=True), [-2.0, -1.0])
+    # An empty response (all-zero mask) gives 0, not NaN.
+    assert float(losses.sequence_logps(logp[:1], jnp.zeros((1, 4)), True)[0]) == 0.0
