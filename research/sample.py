@@ -14,16 +14,18 @@ from absl import flags
 
 from research.core.config import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds config.json, checkpoints/).")
-_PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue.")
-_N = flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate.")
-_TEMP = flags.DEFINE_float("temperature", 0.8, "Softmax temperature (> 0).")
-_TOPK = flags.DEFINE_integer("top_k", None, "Keep only the k most likely tokens.")
-_TOPP = flags.DEFINE_float("top_p", None, "Nucleus sampling: keep the smallest set with mass >= p.")
-_GREEDY = flags.DEFINE_bool("greedy", False, "Take the most likely token each step.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_NUM = flags.DEFINE_integer("num_samples", 1, "Independent samples to draw.")
-_CKPT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (lowest val loss) or a step.")
+# Its own flag registry: importing several CLIs into one process (tests) must not collide.
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds config.json, checkpoints/).", flag_values=FLAGS)
+_PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue.", flag_values=FLAGS)
+_N = flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate.", flag_values=FLAGS)
+_TEMP = flags.DEFINE_float("temperature", 0.8, "Softmax temperature (> 0).", flag_values=FLAGS)
+_TOPK = flags.DEFINE_integer("top_k", None, "Keep only the k most likely tokens.", flag_values=FLAGS)
+_TOPP = flags.DEFINE_float("top_p", None, "Nucleus sampling: keep the smallest set with mass >= p.", flag_values=FLAGS)
+_GREEDY = flags.DEFINE_bool("greedy", False, "Take the most likely token each step.", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_NUM = flags.DEFINE_integer("num_samples", 1, "Independent samples to draw.", flag_values=FLAGS)
+_CKPT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' (lowest val loss) or a step.", flag_values=FLAGS)
 
 
 def load_model(workdir: str, which: str = "latest"):
@@ -68,7 +70,8 @@ def load_model(workdir: str, which: str = "latest"):
 
 def main(argv) -> int:
     try:
-        flags.FLAGS(argv)
+        FLAGS.unparse_flags()  # defaults again when main runs twice in one process
+        FLAGS(argv)
     except flags.Error as e:
         raise ConfigError(str(e)) from None
     if not _WORKDIR.value:

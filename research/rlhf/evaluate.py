@@ -24,12 +24,14 @@ from absl import flags
 
 from research.core.config import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run to evaluate.")
-_REF = flags.DEFINE_string("reference", None, "Reference run's workdir (default: the run's own).")
-_RM = flags.DEFINE_string("reward_model", None, "A reward run's workdir (optional).")
-_ALL = flags.DEFINE_bool("all_checkpoints", False, "Evaluate every checkpoint, not only the newest.")
-_N = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default config.data.num_eval).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+# Its own flag registry: importing several CLIs into one process (tests) must not collide.
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run to evaluate.", flag_values=FLAGS)
+_REF = flags.DEFINE_string("reference", None, "Reference run's workdir (default: the run's own).", flag_values=FLAGS)
+_RM = flags.DEFINE_string("reward_model", None, "A reward run's workdir (optional).", flag_values=FLAGS)
+_ALL = flags.DEFINE_bool("all_checkpoints", False, "Evaluate every checkpoint, not only the newest.", flag_values=FLAGS)
+_N = flags.DEFINE_integer("num_prompts", None, "Held-out prompts (default config.data.num_eval).", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
 
 
 def default_reference(workdir: str, meta: dict) -> str:
@@ -101,7 +103,8 @@ def evaluate_run(workdir: str, reference: str | None = None, reward_model: str |
 
 def main(argv) -> int:
     try:
-        flags.FLAGS(argv)
+        FLAGS.unparse_flags()  # defaults again when main runs twice in one process
+        FLAGS(argv)
     except flags.Error as e:
         raise ConfigError(str(e)) from None
     if not _WORKDIR.value:
