@@ -20,20 +20,24 @@ from absl import flags
 
 from research.core.config import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds config.json, checkpoints/).")
-_SAMPLER = flags.DEFINE_string("sampler", "ddim", "'ddim' or 'ddpm' (ancestral, all T steps).")
-_STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps (ignored by ddpm, which takes T).")
-_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale w in [0, 20].")
-_LABEL = flags.DEFINE_integer("label", None, "Class to sample (0..9); default: every class.")
-_NUM = flags.DEFINE_integer("num", 8, "Samples (per class without --label).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1]: 0 deterministic, 1 DDPM's variance.")
-_CKPT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step.")
-_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/samples_<settings>.png).")
-_INIT = flags.DEFINE_string("init_image", None, "Image-to-image: a 28x28 grayscale image file.")
-_STRENGTH = flags.DEFINE_float("strength", 0.5, "Image-to-image: noise level in (0, 1].")
+# Its own flag registry: importing several CLIs into one process (tests) must not collide.
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds config.json, checkpoints/).", flag_values=FLAGS)
+_SAMPLER = flags.DEFINE_string("sampler", "ddim", "'ddim' or 'ddpm' (ancestral, all T steps).", flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps (ignored by ddpm, which takes T).", flag_values=FLAGS)
+_GUIDANCE = flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale w in [0, 20].", flag_values=FLAGS)
+_LABEL = flags.DEFINE_integer("label", None, "Class to sample (0..9); default: every class.", flag_values=FLAGS)
+_NUM = flags.DEFINE_integer("num", 8, "Samples (per class without --label).", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1]: 0 deterministic, 1 DDPM's variance.", flag_values=FLAGS)
+_CKPT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/samples_<settings>.png).", flag_values=FLAGS)
+_INIT = flags.DEFINE_string("init_image", None, "Image-to-image: a 28x28 grayscale image file.", flag_values=FLAGS)
+_STRENGTH = flags.DEFINE_float("strength", 0.5, "Image-to-image: noise level in (0, 1].", flag_values=FLAGS)
+_PROMPT = flags.DEFINE_string("prompt", None, "Text-conditioned runs (ldm, unclip): sample --num "
+                              "images of this caption instead of class prompts.", flag_values=FLAGS)
 
-TASKS = ("ddpm", "ldm")
+TASKS = ("ddpm", "ldm", "unclip")
 
 
 def load_task(workdir: str, which: str = "latest"):
@@ -98,7 +102,8 @@ def read_image(path: str):
 
 def main(argv) -> int:
     try:
-        flags.FLAGS(argv)
+        FLAGS.unparse_flags()  # defaults again when main runs twice in one process
+        FLAGS(argv)
     except flags.Error as e:
         raise ConfigError(str(e)) from None
     if not _WORKDIR.value:
@@ -132,6 +137,11 @@ def main(argv) -> int:
                           "training steps)")
     classes = [_LABEL.value] if _LABEL.value is not None else list(range(10))
     labels = np.repeat(np.asarray(classes, np.int32), _NUM.value)
+    if _PROMPT.value is not None:  # text-conditioned runs: class ids become prompts there too
+        if not hasattr(task, "prompts_for"):
+            raise ConfigError(f"--prompt needs a text-conditioned run (ldm, unclip); "
+                              f"{_WORKDIR.value} is a {task.name!r} run: use --label.")
+        classes, labels = [_PROMPT.value], [_PROMPT.value] * _NUM.value
     rng = jax.random.key(_SEED.value)
     t0 = time.perf_counter()
     if _INIT.value is not None:

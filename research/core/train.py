@@ -266,6 +266,9 @@ def run(config, task, workdir: str) -> dict[str, Any]:
                     last["perf/mfu"] = flops_per_step / sec / peak
                 if is_eval:
                     last_eval = evaluate(state["params"])
+                    if hasattr(task, "evaluate"):  # the task's own measures: accuracy, grids, ...
+                        last_eval.update(task.evaluate(state["params"], step,
+                                                       workdir if is_main else None))
                     last.update(last_eval)
                 writer.write(step, last)
                 if is_main:

@@ -7,6 +7,9 @@ A task owns its model, its data and its objective:
   ``get_state()``/``set_state()`` so its position is checkpointed;
 - ``eval_batches(batch_size)``: a fixed list of evaluation batches;
 - ``summarize_eval(means)``: adds derived metrics (e.g. perplexity) to averaged eval metrics;
+- optionally ``evaluate(params, step, workdir)``: the task's own measures at every eval step
+  (accuracy, zero-shot, sample grids written into ``workdir``; None on processes other than 0),
+  merged into the eval metrics;
 - ``meta()``: JSON saved with every checkpoint (task, model config, tokenizer...); the ``task`` and
   ``model`` entries must match to resume;
 - ``trainable(params)``: True where a parameter trains (default: everything);

@@ -1,0 +1,86 @@
+"""The ``ddpm`` task end to end: ``configs/ddpm_fashion_mnist.py:smoke`` through the launcher, then
+``python -m research.sample_images --sampler ddim --steps 50 --guidance 3 --label 7`` on its
+workdir writing a PNG grid; bad guidance / strength / label values are one clear error naming the
+value and its range."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from tests import e2e
+
+CONFIG = "configs/ddpm_fashion_mnist.py"
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(fashion_mnist_env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ddpm")
+    proc = e2e.launch(workdir, config=f"{CONFIG}:smoke")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_launcher_smoke_run_trains_checkpoints_and_writes_a_grid(smoke_workdir):
+    workdir, _ = smoke_workdir
+    rows = e2e.metrics_rows(workdir)
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert losses and all(np.isfinite(losses))
+    assert any("val/loss" in r and np.isfinite(r["val/loss"]) for r in rows)
+    assert e2e.finished_steps(workdir) == [4]
+    assert (workdir / "samples_4.png").stat().st_size > 0  # a row per class, DDIM with guidance
+
+
+def test_sample_images_cli_writes_a_png_grid(smoke_workdir):
+    from PIL import Image
+    workdir, _ = smoke_workdir
+    out = workdir / "sneakers.png"
+    proc = e2e.run([sys.executable, "-m", "research.sample_images", "--workdir", str(workdir),
+                    "--sampler", "ddim", "--steps", "50", "--guidance", "3", "--label", "7",
+                    "--num", "4", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    img = np.asarray(Image.open(out))
+    # 4 samples of one class -> a 2 x 2 grid of 28 x 28 tiles (plus any padding between tiles)
+    assert img.shape[0] >= 56 and img.shape[1] >= 56 and img.std() > 0
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--guidance", "25"], ["--guidance=25", "0 <= w <= 20"]),
+    (["--guidance", "-1"], ["--guidance=-1", "0 <= w <= 20"]),
+    (["--label", "12"], ["--label=12", "0..9"]),
+    (["--init_image", "x.png", "--strength", "1.5"], ["--strength=1.5", "0 < strength <= 1"]),
+    (["--init_image", "x.png", "--strength", "0"], ["--strength=0", "0 < strength <= 1"]),
+])
+def test_sample_images_bad_values_are_one_clear_error(args, fragments, tmp_path, capsys):
+    """Checked before anything is loaded: run in-process (a subprocess would spend seconds on
+    imports); ``run_cli`` is what ``python -m research.sample_images`` calls."""
+    from absl import flags
+
+    from research import sample_images
+    flags.FLAGS.unparse_flags()  # absl keeps values between in-process parses: start from defaults
+    rc = sample_images.run_cli(["sample_images", "--workdir", str(tmp_path), *args])
+    flags.FLAGS.unparse_flags()
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    msg = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(msg) == 1 and all(f in msg[0] for f in fragments), err
+
+
+def test_task_level_range_errors(fashion_mnist_env):
+    """The library calls (not only the CLI) name the bad value and the range."""
+    import jax
+
+    from configs import ddpm_fashion_mnist
+    from research.diffusion import img2img
+    from research.tasks.ddpm import DDPMTask
+    task = DDPMTask(ddpm_fashion_mnist.get_config("smoke"), load_data=False)
+    params = task.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"label 11 is out of range: expected 0\.\.9"):
+        task.sample(params, [3, 11], jax.random.key(0), steps=2)
+    with pytest.raises(ValueError, match=r"guidance scale=30.* expected 0 <= w <= 20"):
+        task.sample(params, [3], jax.random.key(0), steps=2, guidance_scale=30.0)
+    with pytest.raises(ValueError, match=r"strength=1\.2 is out of range: expected 0 < strength <= 1"):
+        img2img.sdedit(task, params, np.zeros((1, 28, 28, 1)), [3], jax.random.key(0),
+                       strength=1.2, steps=4)
