@@ -33,7 +33,7 @@ def load_model(workdir: str, which: str = "latest"):
     import jax
 
     from research import tasks
-    from research.core import checkpoint as ckpt_lib
+    from research.core import checkpoint as ckpt_lib, optim, pipeline
     from research.core.mesh import make_mesh
     from research.core.train import build_state
     from research.data.tokenizers import tokenizer_from_json
@@ -61,11 +61,22 @@ def load_model(workdir: str, which: str = "latest"):
     if "model" in meta:  # the checkpoint's own model config, whatever config.json says now
         config.model = ml_collections.ConfigDict(meta["model"])
     task = tasks.get(config.task)(config, tokenizer=tokenizer_from_json(meta["tokenizer"]))
+    stages = (meta.get("param_layout") or {}).get(pipeline.STAGES_KEY)
+    with config.unlocked():  # sampling runs on one device, whatever mesh the run trained on
+        config.mesh = ml_collections.ConfigDict({k: 1 for k in config.mesh})
     mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
     _, _, _, abstract, shardings = build_state(task, config, mesh)
+    if stages:  # trained as a pipeline: the blocks were saved stacked per stage
+        sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # one device
+        layers = config.model.num_layers
+        abstract = {**abstract, "params": jax.eval_shape(
+            lambda p: pipeline.stack_layers(p, layers, stages), abstract["params"])}
+        abstract["opt_state"] = jax.eval_shape(optim.build(config, task.trainable)[0].init,
+                                               abstract["params"])
+        shardings = jax.tree.map(lambda _: sh, abstract)
     _, state, _ = ckpt.restore(ckpt_lib.abstract_with_shardings(abstract, shardings), step=step)
     ckpt.close()
-    return task, state["params"], step
+    return task, pipeline.unstack_layers(state["params"]), step
 
 
 def main(argv) -> int:

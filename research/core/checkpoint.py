@@ -118,7 +118,7 @@ class Checkpointer:
 
 # Meta entries that must be equal to resume: the objective, the architecture, and the vocabulary
 # (two tokenizers of one size map text to different ids: the embeddings would be meaningless).
-COMPARED = ("task", "model", "tokenizer")
+COMPARED = ("task", "model", "tokenizer", "param_layout")
 
 
 def _tokenizer_diff(a: Any, b: Any) -> str:
@@ -140,6 +140,10 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
             a, b = saved.get(key), current.get(key)
             if key == "tokenizer":  # a vocabulary is too long to print: say what differs
                 diffs.append(_tokenizer_diff(a, b))
+            elif key == "param_layout":  # blocks stacked per pipeline stage, or not
+                diffs.append(f"param_layout: checkpoint {a!r} vs config {b!r} (the blocks are "
+                             "stored per pipeline stage: resume with the same "
+                             "config.mesh.pipeline; research.sample reads either layout)")
             elif isinstance(a, dict) and isinstance(b, dict):
                 diffs += [f"{key}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
                           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

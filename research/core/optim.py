@@ -39,7 +39,12 @@ def schedule_from_config(config) -> optax.Schedule:
 
 
 def decay_mask(params) -> Any:
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for matrices (ndim >= 2). Blocks stacked for the pipeline ([S, L/S, ...] under
+    ``pipeline_stages``) are judged by their per-layer shape."""
+    def mask(path, p):
+        stacked = any(getattr(k, "key", None) == "pipeline_stages" for k in path)
+        return p.ndim - (2 if stacked else 0) >= 2
+    return jax.tree_util.tree_map_with_path(mask, params)
 
 
 def build(config, trainable: Callable[[Any], Any] | None = None):

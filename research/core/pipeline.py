@@ -11,13 +11,19 @@ inside the ``shard_map``.
 
 Idle share of each stage (the bubble): ``(S - 1) / (M + S - 1)``, printed when the step is built.
 
+Parameters: the wrapped task's ``init`` moves the blocks ``layer_0 .. layer_{L-1}`` into one
+``pipeline_stages`` subtree whose leaves are [S, L/S, ...] with the logical axes ``stage`` (mapped
+to the ``pipeline`` mesh axis by every preset) and ``stage_layer``: each device holds the blocks of
+its own stage only, and their optimizer state (1/S of the block parameters; the preset's other
+axes, e.g. FSDP's ``embed``, still apply inside a stage). The checkpoint meta records
+``param_layout``; ``unstack_layers`` gives back the per-layer tree (``research.sample`` does).
+
 Limitations (checked, each a ``ConfigError``): the ``lm`` task's decoder without MoE and without
-dropout; L and the per-device batch rows divide by S and M. Parameters are stored per layer
-(``layer_i``) in the preset's layout and stacked per stage inside the step: the computation is
-pipelined, the parameter memory is not split by stage.
+dropout; L and the per-device batch rows divide by S and M.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,6 +33,42 @@ from research.core import sharding
 from research.core.config import ConfigError
 
 AXIS = "pipeline"
+STAGES_KEY = "pipeline_stages"
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def stack_layers(params: dict, num_layers: int, stages: int) -> dict:
+    """``layer_0 .. layer_{L-1}`` -> ``pipeline_stages`` with leaves [S, L/S, ...]; logically
+    partitioned leaves get the leading axes ``("stage", "stage_layer")``."""
+    per = num_layers // stages
+    layers = [params[f"layer_{i}"] for i in range(num_layers)]
+
+    def stack(*ls):
+        if _is_box(ls[0]):
+            v = jnp.stack([b.value for b in ls])
+            return ls[0].replace(value=v.reshape(stages, per, *v.shape[1:]),
+                                 names=("stage", "stage_layer") + tuple(ls[0].names))
+        v = jnp.stack(ls)
+        return v.reshape(stages, per, *v.shape[1:])
+
+    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    out[STAGES_KEY] = jax.tree.map(stack, *layers, is_leaf=_is_box)
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of ``stack_layers`` on plain arrays: the per-layer tree of the unpipelined model."""
+    if STAGES_KEY not in params:
+        return params
+    stacked = params[STAGES_KEY]
+    s, per = jax.tree.leaves(stacked)[0].shape[:2]
+    out = {k: v for k, v in params.items() if k != STAGES_KEY}
+    for i in range(s * per):
+        out[f"layer_{i}"] = jax.tree.map(lambda p, i=i: p[i // per, i % per], stacked)
+    return out
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -87,6 +129,12 @@ class PipelinedLM:
     def __getattr__(self, name):
         return getattr(self.task, name)
 
+    def init(self, rng):
+        return stack_layers(self.task.init(rng), self.task.model_config.num_layers, self.stages)
+
+    def meta(self) -> dict:
+        return {**self.task.meta(), "param_layout": {STAGES_KEY: self.stages}}
+
     def describe(self) -> str:
         return (f"Pipeline: {self.stages} stages x {self.layers_per_stage} blocks, "
                 f"{self.microbatches} microbatches (GPipe), bubble fraction "
@@ -121,9 +169,6 @@ class PipelinedLM:
         # Microbatch j holds rows j, j + M, ...: each data-parallel device keeps its own rows.
         xs = x.reshape(b // m, m, t, -1).swapaxes(0, 1)
         per = self.layers_per_stage
-        layers = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
-        stacked = jax.tree.map(lambda *ls: jnp.stack(ls).reshape(self.stages, per, *ls[0].shape),
-                               *layers)
         block = Block(cfg)
 
         def stage_fn(stage_params, h):
@@ -132,7 +177,7 @@ class PipelinedLM:
                     h, _ = block.apply({"params": jax.tree.map(lambda p: p[i], stage_params)}, h)
             return h
 
-        ys = gpipe(stage_fn, stacked, xs, self.mesh)
+        ys = gpipe(stage_fn, params[STAGES_KEY], xs, self.mesh)
         y = ys.swapaxes(0, 1).reshape(b, t, -1)
         logits = model.apply({"params": params}, y, method=head)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
@@ -141,8 +186,8 @@ class PipelinedLM:
 
 def maybe_pipeline(task, config, mesh):
     """The task itself, or with ``config.mesh.pipeline`` > 1 its GPipe-pipelined version (the
-    bubble fraction is printed once)."""
-    if mesh.shape[AXIS] == 1:
+    bubble fraction is printed when it is wrapped)."""
+    if mesh.shape[AXIS] == 1 or isinstance(task, PipelinedLM):
         return task
     wrapped = PipelinedLM(task, mesh, int(config.get("pipeline_microbatches", 4)))
     if jax.process_index() == 0:

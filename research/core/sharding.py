@@ -56,6 +56,8 @@ _BASE = {
     "act_expert_group": ("data", "fsdp"),
     "vocab": None, "embed": None, "heads": None, "kv_heads": None, "kv": None, "mlp": None,
     "length": None,
+    # Blocks stacked for the pipeline (research.core.pipeline): [stage, stage_layer, ...].
+    "stage": "pipeline", "stage_layer": None,
 }
 _TENSOR = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
            "act_heads": "tensor", "act_kv_heads": "tensor", "act_mlp": "tensor"}

@@ -122,6 +122,7 @@ class _StopFlag:
 
 def build_state(task, config, mesh):
     """Returns ``(tx, schedule, init_fn, abstract_state, state_shardings)``."""
+    task = maybe_pipeline(task, config, mesh)  # stage-stacked blocks when config.mesh.pipeline > 1
     tx, schedule = optim.build(config, task.trainable)
     preset = sharding.preset_from_config(config.sharding)
 
@@ -162,6 +163,7 @@ def run(config, task, workdir: str) -> dict[str, Any]:
                          "config.batch_size / config.grad_accum_steps")
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    task = maybe_pipeline(task, config, mesh)  # GPipe when config.mesh.pipeline > 1
 
     tx, schedule, init_fn, abstract, state_sh = build_state(task, config, mesh)
     meta = ckpt_lib.to_jsonable(task.meta())
