@@ -20,6 +20,7 @@ _REGISTRY = {
     "vq": "research.tasks.vq:VQTask",
     "ldm": "research.tasks.ldm:LDMTask",
     "unclip": "research.tasks.unclip:UnclipTask",
+    "noisy_classify": "research.tasks.noisy_classify:NoisyClassifyTask",
 }
 
 

@@ -138,19 +138,24 @@ class DDPMTask(Task):
     # -- sampling ---------------------------------------------------------------------------------
     def sample(self, params, labels, rng, *, sampler: str = "ddim", steps: int = 50,
                guidance_scale: float = 3.0, eta: float = 0.0, batch_size: int = 256,
-               x_init=None, start_index: int = 0):
-        """Images [N, 28, 28, 1] in [-1, 1] for ``labels`` [N] (ints in 0..9, or 10 = null)."""
+               x_init=None, start_index: int = 0, denoise_wrapper=None):
+        """Images [N, 28, 28, 1] in [-1, 1] for ``labels`` [N] (ints in 0..9, or 10 = null).
+        ``denoise_wrapper(denoise, labels) -> denoise``, if given, wraps the (classifier-free
+        guided) model inside the jitted chain, e.g. classifier guidance
+        (``research.tasks.noisy_classify.guidance_wrapper``)."""
         labels = np.asarray(labels, np.int32)
         if labels.size and (labels.min() < 0 or labels.max() > self.null_id):
             bad = labels[(labels < 0) | (labels > self.null_id)][0]
             raise ValueError(f"label {int(bad)} is out of range: expected 0..{NUM_CLASSES - 1} "
                              f"(or {self.null_id} = unconditional)")
         scale = guidance.check_guidance_scale(guidance_scale)
-        key = (sampler, steps, scale, float(eta), start_index, x_init is None)
+        key = (sampler, steps, scale, float(eta), start_index, x_init is None, denoise_wrapper)
         if key not in self._sample_fns:
             def run(params, labels, rng, x_init):
                 apply_fn = lambda x, t, y: self.apply(params, x, t, y)  # noqa: E731
                 denoise = guidance.classifier_free(apply_fn, labels, self.null_id, scale)
+                if denoise_wrapper is not None:
+                    denoise = denoise_wrapper(denoise, labels)
                 return samplers.sample(denoise, self.schedule, self.diffusion["prediction"],
                                        (labels.shape[0], *IMAGE_SHAPE), rng, sampler=sampler,
                                        steps=steps, eta=eta, clip=self.diffusion["clip_sample"],
