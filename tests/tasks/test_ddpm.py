@@ -84,3 +84,29 @@ def test_task_level_range_errors(fashion_mnist_env):
     with pytest.raises(ValueError, match=r"strength=1\.2 is out of range: expected 0 < strength <= 1"):
         img2img.sdedit(task, params, np.zeros((1, 28, 28, 1)), [3], jax.random.key(0),
                        strength=1.2, steps=4)
+
+
+def test_measure_script_reports_quality_speed_and_img2img(smoke_workdir, tmp_path):
+    """``experiments/diffusion/measure.py`` end to end on the smoke run and a smoke classifier
+    (untrained models: the figures are not judged, their presence, ranges and consistency are):
+    conditional accuracy and class-kept shares are fractions of the images scored, the Frechet
+    distances finite and >= 0, the sampling times positive, the grids written."""
+    import json
+    workdir, _ = smoke_workdir
+    clf = tmp_path / "cnn"
+    proc = e2e.launch(clf, config="configs/cnn_fashion_mnist.py:smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = e2e.run([sys.executable, "-m", "experiments.diffusion.measure", "--workdir",
+                    str(workdir), "--classifier", str(clf), "--per_class", "1",
+                    "--ddpm_per_class", "1", "--real", "40", "--img2img", "4", "--steps", "3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((workdir / "measure.json").read_text())
+    assert res["ddim_n"] == 10 and res["ddpm_n"] == 10 and res["img2img_n"] == 4
+    for k, n in (("ddim_conditional_accuracy", 10), ("ddpm_conditional_accuracy", 10),
+                 ("img2img_unconditional_class_kept", 4), ("img2img_own_label_class_kept", 4)):
+        assert 0.0 <= res[k] <= 1.0 and res[k] * n == pytest.approx(round(res[k] * n)), (k, res[k])
+    for k in ("ddim_frechet", "ddpm_frechet", "ddim_frechet_same_n"):
+        assert np.isfinite(res[k]) and res[k] >= 0, (k, res[k])
+    assert res["ddim_s_per_image"] > 0 and res["speedup_ddim_over_ddpm"] > 0
+    for name in ("measure_ddim3.png", "measure_ddpm.png", "measure_img2img_unconditional.png"):
+        assert (workdir / name).stat().st_size > 0
