@@ -12,6 +12,11 @@ Prints (and writes ``WORKDIR/measure.json``):
 The DDPM-1000 set may be smaller (``--ddpm_per_class``) on a slow machine: then the DDIM set is
 also scored on the same number of images for a like-for-like comparison (the Frechet distance is
 biased upward at small N).
+- with ``--noisy_classifier DIR``: classifier guidance (Dhariwal & Nichol) of the *unconditional*
+  model (classifier-free scale w = 0) at each of ``--classifier_scales``: conditional accuracy and
+  Frechet distance (DDIM 50, ``--per_class`` images per class);
+- with ``--clip DIR``: the CLIP score (CLIP-S, 2.5 max(cos, 0)) of the DDIM samples and of as many
+  real test images against their class's held-out prompt ensemble;
 - image-to-image (SDEdit, DDIM 50 at ``--strength``) on ``--img2img`` test images not among the
   reference images: the share whose class (by the classifier) is kept, (a) denoised without a
   label (the null class, w = 1: only the image carries the class) and (b) towards the input's own
@@ -36,6 +41,12 @@ _REAL = flags.DEFINE_integer("real", 2000, "test images for the reference statis
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _IMG2IMG = flags.DEFINE_integer("img2img", 200, "test images for the image-to-image measure (0: skip)")
 _STRENGTH = flags.DEFINE_float("strength", 0.5, "image-to-image strength")
+_NOISY_CLF = flags.DEFINE_string("noisy_classifier", None, "noisy_classify workdir: also measure "
+                                 "classifier guidance of the unconditional model (w = 0)")
+_CLF_SCALES = flags.DEFINE_list("classifier_scales", ["0", "1", "3", "10"],
+                                "classifier-guidance scales for --noisy_classifier")
+_CLIP = flags.DEFINE_string("clip", None, "clip workdir: also report the CLIP score (CLIP-S) of "
+                            "the DDIM samples and of real test images against their class prompts")
 
 
 def _timed(task, params, labels, rng, **kw):
@@ -83,6 +94,26 @@ def main(argv):
                     "ddim_frechet_same_n": metrics(ddim[sel])["frechet_classifier"],
                     "speedup_ddim_over_ddpm": ddpm_s / ddim_s})
         data_lib.save_grid(ddpm, os.path.join(_WORKDIR.value, "measure_ddpm.png"), rows=10)
+    if _NOISY_CLF.value:
+        from research.tasks import noisy_classify
+        nclf = noisy_classify.load_noisy_classifier(_NOISY_CLF.value)
+        noisy_classify.check_same_schedule(nclf.diffusion, task.diffusion)
+        for scale in sorted(float(v) for v in _CLF_SCALES.value):
+            wrap = noisy_classify.guidance_wrapper(nclf, task.schedule, scale) if scale > 0 else None
+            guided = np.asarray(task.sample(params, labels, rng, sampler="ddim", steps=_STEPS.value,
+                                            guidance_scale=0.0, denoise_wrapper=wrap))
+            mg = metrics(guided, labels)
+            res[f"classifier_guided_s{scale:g}"] = {
+                "conditional_accuracy": mg["conditional_accuracy"],
+                "frechet": mg["frechet_classifier"]}
+            data_lib.save_grid(guided, os.path.join(_WORKDIR.value,
+                                                    f"measure_classifier_s{scale:g}.png"), rows=10)
+    if _CLIP.value:
+        from research.eval.clip_score import ClipScorer
+        scorer = ClipScorer.from_workdir(_CLIP.value, option="--clip")
+        real_sel = idx[:len(labels)]
+        res.update({"clip_score_ddim": scorer.score(ddim, labels=labels),
+                    "clip_score_real": scorer.score(real[real_sel], labels=real_labels[real_sel])})
     if _IMG2IMG.value:
         from research.diffusion.img2img import sdedit
         pick = np.random.default_rng(1).permutation(np.setdiff1d(np.arange(len(real)), idx))

@@ -60,10 +60,14 @@ def test_ddpm_step_matches_diffusers(kind, prediction, clip, t):
     np.testing.assert_allclose(_np(prev), res.prev_sample.numpy(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,prediction,eta,clip,index", [
-    ("linear", "epsilon", 0.0, True, 10), ("linear", "epsilon", 1.0, False, 3),
-    ("cosine", "v", 0.5, True, 0), ("linear", "epsilon", 0.0, False, 49)])
-def test_ddim_step_and_timesteps_match_diffusers(kind, prediction, eta, clip, index):
+@pytest.mark.parametrize("kind,prediction,eta,clip,index,clipped_eps", [
+    ("linear", "epsilon", 0.0, True, 10, True), ("linear", "epsilon", 0.0, True, 10, False),
+    ("linear", "epsilon", 1.0, False, 3, True), ("cosine", "v", 0.5, True, 0, True),
+    ("cosine", "epsilon", 0.0, True, 0, True), ("cosine", "v", 0.5, True, 0, False),
+    ("linear", "epsilon", 0.0, False, 49, False)])
+def test_ddim_step_and_timesteps_match_diffusers(kind, prediction, eta, clip, index, clipped_eps):
+    """``clipped_eps`` is diffusers' ``use_clipped_model_output`` (our default on: eps re-derived
+    from the clipped x0); both settings match."""
     ours = schedules.make_schedule(kind, 1000)
     ref = _ref(diffusers.DDIMScheduler, kind, prediction, clip)
     ref.set_timesteps(50)
@@ -74,12 +78,27 @@ def test_ddim_step_and_timesteps_match_diffusers(kind, prediction, eta, clip, in
     rng = np.random.default_rng(index)
     x, out = rng.standard_normal(SHAPE, np.float32), rng.standard_normal(SHAPE, np.float32)
     res = ref.step(torch.tensor(out), t, torch.tensor(x), eta=eta,
-                   generator=torch.Generator().manual_seed(3))
+                   use_clipped_model_output=clipped_eps, generator=torch.Generator().manual_seed(3))
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)).numpy()
     prev, x0 = samplers.ddim_step(ours, prediction, jnp.asarray(out), t, t_prev, jnp.asarray(x),
-                                  eta, jnp.asarray(noise), clip)
+                                  eta, jnp.asarray(noise), clip, clipped_eps)
     np.testing.assert_allclose(_np(x0), res.pred_original_sample.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(_np(prev), res.prev_sample.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_ddim_clipped_eps_keeps_x_prev_consistent_with_x0():
+    """With x0 clipped, re-deriving eps keeps (x0, eps) a decomposition of x_t
+    (x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps) and, at t_prev = t, returns x_t itself; the raw
+    eps does not (closed form: the forward process's own identity)."""
+    s = schedules.make_schedule("cosine", 1000)
+    rng = np.random.default_rng(0)
+    x, out = (jnp.asarray(3.0 * rng.standard_normal(SHAPE, np.float32)) for _ in range(2))
+    t = 980
+    same, x0 = samplers.ddim_step(s, "epsilon", out, t, t, x, 0.0)
+    assert float(jnp.abs(x0).max()) <= 1.0
+    np.testing.assert_allclose(_np(same), _np(x), rtol=1e-4, atol=1e-4)
+    raw, _ = samplers.ddim_step(s, "epsilon", out, t, t, x, 0.0, clipped_eps=False)
+    assert np.abs(_np(raw) - _np(x)).max() > 0.1
 
 
 def test_ddim_eta1_full_steps_is_ddpm_step():

@@ -110,3 +110,33 @@ def test_measure_script_reports_quality_speed_and_img2img(smoke_workdir, tmp_pat
     assert res["ddim_s_per_image"] > 0 and res["speedup_ddim_over_ddpm"] > 0
     for name in ("measure_ddim3.png", "measure_ddpm.png", "measure_img2img_unconditional.png"):
         assert (workdir / name).stat().st_size > 0
+
+
+def test_measure_script_classifier_guidance_and_clip_score(smoke_workdir, tmp_path):
+    """The optional parts of the measure script on smoke runs: classifier guidance of the
+    unconditional model at each scale (a fraction for the accuracy, a finite Frechet distance, a
+    grid per scale) and the CLIP score of samples and of real images (CLIP-S lies in [0, 2.5])."""
+    import json
+    workdir, _ = smoke_workdir
+    runs = {"cnn": "configs/cnn_fashion_mnist.py:smoke",
+            "noisy": "configs/noisy_classifier_fashion_mnist.py:smoke",
+            "clip": "configs/clip_fashion_mnist.py:smoke"}
+    for name, config in runs.items():
+        proc = e2e.launch(tmp_path / name, config=config)
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    proc = e2e.run([sys.executable, "-m", "experiments.diffusion.measure", "--workdir",
+                    str(workdir), "--classifier", str(tmp_path / "cnn"), "--per_class", "1",
+                    "--ddpm_per_class", "0", "--real", "40", "--img2img", "0", "--steps", "3",
+                    "--noisy_classifier", str(tmp_path / "noisy"), "--classifier_scales", "0,5",
+                    "--clip", str(tmp_path / "clip")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((workdir / "measure.json").read_text())
+    for s in ("0", "5"):
+        g = res[f"classifier_guided_s{s}"]
+        acc = g["conditional_accuracy"]
+        assert 0.0 <= acc <= 1.0 and acc * 10 == pytest.approx(round(acc * 10)), (s, acc)
+        assert np.isfinite(g["frechet"]) and g["frechet"] >= 0, (s, g)
+        assert (workdir / f"measure_classifier_s{s}.png").stat().st_size > 0
+    for k in ("clip_score_ddim", "clip_score_real"):
+        assert 0.0 <= res[k] <= 2.5, (k, res[k])
+    assert "ddpm_n" not in res and "img2img_n" not in res  # 0 skips those parts
