@@ -69,7 +69,7 @@ def ddim_step(schedule: Schedule, prediction: str, model_out, t, t_prev, x_t, et
     x0, eps = predict_x0_eps(schedule, prediction, x_t, t, model_out)
     if clip:
         x0 = jnp.clip(x0, -1.0, 1.0)
-    if clipped_eps:
+    if clip and clipped_eps:  # without clipping the two are equal: skip the division by sqrt(1-ab)
         eps = (x_t - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1.0 - ab_t)
     var = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
     std = eta * jnp.sqrt(var)
