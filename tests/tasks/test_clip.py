@@ -64,6 +64,24 @@ def test_launcher_smoke_run_and_report(smoke_workdir):
         assert (smoke_workdir / name).stat().st_size > 0, name
 
 
+def test_probe_sweep_picks_l2_on_training_validation(smoke_workdir):
+    """``experiments/clip/probe_sweep.py`` on the smoke run: every l2 of the grid has a validation
+    accuracy, the chosen one is the best of them, and the test accuracy is a fraction of 10k."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.clip.probe_sweep", "--workdir",
+                           str(smoke_workdir), "--l2", "1e-4,1e-2", "--steps", "20"],
+                          cwd=e2e.REPO, env=e2e.subprocess_env(), capture_output=True, text=True,
+                          timeout=e2e.TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((smoke_workdir / "probe_sweep.json").read_text())
+    assert res["fit_examples"] == 55000 and res["val_examples"] == 5000
+    for kind in ("pooled_features", "embedding"):
+        r = res[kind]
+        assert set(r["val_accuracy"]) == {"0.0001", "0.01"}
+        assert r["val_accuracy"][f"{r['best_l2']:g}"] == max(r["val_accuracy"].values())
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["test_accuracy"] * 10000 == pytest.approx(round(r["test_accuracy"] * 10000))
+
+
 def test_lit_loads_and_locks_the_image_tower(smoke_workdir):
     """LiT from the smoke run's checkpoint: the image tower equals the checkpoint's and stays
     unchanged by a train step (no optimizer state for it); the text tower and projections train."""
