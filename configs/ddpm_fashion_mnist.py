@@ -15,7 +15,9 @@ Sample a grid (DDIM 50 steps, guidance 3, class 7 = Sneaker):
 Measure (Frechet distance in a Fashion-MNIST classifier's feature space, conditional accuracy):
     python -m research.launch --config configs/cnn_fashion_mnist.py --workdir workdirs/cnn_fmnist
     python -m experiments.diffusion.measure --workdir workdirs/ddpm --classifier workdirs/cnn_fmnist \
-        --per_class 10 --ddpm_per_class 1 --img2img 100
+        --per_class 10 --ddpm_per_class 10 --img2img 100 [--noisy_classifier workdirs/noisy_clf] \
+        [--clip workdirs/clip_fmnist]
+(figures of the full run: experiments/diffusion/README.md)
 Classifier guidance (a noise-aware classifier on the same schedule) and CLIP guidance:
     python -m research.launch --config configs/noisy_classifier_fashion_mnist.py --workdir workdirs/noisy_clf
     python -m research.sample_images --workdir workdirs/ddpm --label 7 --guidance 0 \
@@ -48,7 +50,7 @@ def get_config(arg=None):
     ))
     c.batch_size = 64
     c.grad_accum_steps = 1
-    # Sized for the "under an hour on a 2-core CPU": ~1.0 s/step there, 52 minutes; the
+    # Sized for the "under an hour on a 2-core CPU": ~1.07 s/step there, 54 minutes; the
     # figures in experiments/diffusion/README.md are this schedule's. More steps (e.g. 20000 at
     # lr 2e-4) give better samples on faster machines.
     c.total_steps = 3000
