@@ -18,7 +18,9 @@ biased upward at small N).
   model (classifier-free scale w = 0) at each of ``--classifier_scales``: conditional accuracy and
   Frechet distance (DDIM 50, ``--per_class`` images per class);
 - with ``--clip DIR``: the CLIP score (CLIP-S, 2.5 max(cos, 0)) of the DDIM samples and of as many
-  real test images against their class's held-out prompt ensemble;
+  real test images against their class's held-out prompt ensemble; with
+  ``--clip_guidance_scales``, GLIDE-style CLIP guidance of the unconditional model (w = 0) towards
+  each sample's class at each scale: conditional accuracy, Frechet distance and CLIP score;
 - image-to-image (SDEdit, DDIM 50 at ``--strength``) on ``--img2img`` test images not among the
   reference images: the share whose class (by the classifier) is kept, (a) denoised without a
   label (the null class, w = 1: only the image carries the class) and (b) towards the input's own
@@ -49,6 +51,8 @@ _CLF_SCALES = flags.DEFINE_list("classifier_scales", ["0", "1", "3", "10"],
                                 "classifier-guidance scales for --noisy_classifier")
 _CLIP = flags.DEFINE_string("clip", None, "clip workdir: also report the CLIP score (CLIP-S) of "
                             "the DDIM samples and of real test images against their class prompts")
+_CLIP_SCALES = flags.DEFINE_list("clip_guidance_scales", [], "with --clip on a ddpm run: CLIP "
+                                 "guidance (GLIDE) of the unconditional model at these scales")
 
 
 def _timed(task, params, labels, rng, time_n=None, **kw):
@@ -124,6 +128,25 @@ def main(argv):
         real_sel = idx[:len(labels)]
         res.update({"clip_score_ddim": scorer.score(ddim, labels=labels),
                     "clip_score_real": scorer.score(real[real_sel], labels=real_labels[real_sel])})
+        if _CLIP_SCALES.value:
+            import jax.numpy as jnp
+
+            from research.diffusion import clip_guidance
+            table, embed = jnp.asarray(scorer.class_embeds()), scorer.image_embed_fn()
+            for scale in sorted(float(v) for v in _CLIP_SCALES.value):
+                def wrap(denoise, labels_, scale=scale):
+                    return clip_guidance.clip_guided(denoise, embed, table[labels_], task.schedule,
+                                                     scale, prediction=task.diffusion["prediction"])
+                guided = np.asarray(task.sample(
+                    params, labels, rng, sampler="ddim", steps=_STEPS.value, guidance_scale=0.0,
+                    denoise_wrapper=wrap if scale > 0 else None))
+                mg = metrics(guided, labels)
+                res[f"clip_guided_s{scale:g}"] = {
+                    "conditional_accuracy": mg["conditional_accuracy"],
+                    "frechet": mg["frechet_classifier"],
+                    "clip_score": scorer.score(guided, labels=labels)}
+                data_lib.save_grid(guided, os.path.join(_WORKDIR.value,
+                                                        f"measure_clip_guided_s{scale:g}.png"), rows=10)
     if _IMG2IMG.value:
         from research.diffusion.img2img import sdedit
         pick = np.random.default_rng(1).permutation(np.setdiff1d(np.arange(len(real)), idx))

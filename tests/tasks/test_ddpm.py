@@ -115,7 +115,8 @@ def test_measure_script_reports_quality_speed_and_img2img(smoke_workdir, tmp_pat
 def test_measure_script_classifier_guidance_and_clip_score(smoke_workdir, tmp_path):
     """The optional parts of the measure script on smoke runs: classifier guidance of the
     unconditional model at each scale (a fraction for the accuracy, a finite Frechet distance, a
-    grid per scale) and the CLIP score of samples and of real images (CLIP-S lies in [0, 2.5])."""
+    grid per scale), the CLIP score of samples and of real images (CLIP-S lies in [0, 2.5]) and CLIP
+    guidance at each scale."""
     import json
     workdir, _ = smoke_workdir
     runs = {"cnn": "configs/cnn_fashion_mnist.py:smoke",
@@ -128,7 +129,7 @@ def test_measure_script_classifier_guidance_and_clip_score(smoke_workdir, tmp_pa
                     str(workdir), "--classifier", str(tmp_path / "cnn"), "--per_class", "1",
                     "--ddpm_per_class", "0", "--real", "40", "--img2img", "0", "--steps", "3",
                     "--noisy_classifier", str(tmp_path / "noisy"), "--classifier_scales", "0,5",
-                    "--clip", str(tmp_path / "clip")])
+                    "--clip", str(tmp_path / "clip"), "--clip_guidance_scales", "0,50"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((workdir / "measure.json").read_text())
     for s in ("0", "5"):
@@ -139,4 +140,10 @@ def test_measure_script_classifier_guidance_and_clip_score(smoke_workdir, tmp_pa
         assert (workdir / f"measure_classifier_s{s}.png").stat().st_size > 0
     for k in ("clip_score_ddim", "clip_score_real"):
         assert 0.0 <= res[k] <= 2.5, (k, res[k])
+    for s in ("0", "50"):
+        g = res[f"clip_guided_s{s}"]
+        assert 0.0 <= g["clip_score"] <= 2.5 and np.isfinite(g["frechet"]), (s, g)
+        assert (workdir / f"measure_clip_guided_s{s}.png").stat().st_size > 0
+    # scale 0 of either guidance is the same unguided chain (w = 0, same seed): same samples
+    assert res["clip_guided_s0"]["frechet"] == pytest.approx(res["classifier_guided_s0"]["frechet"])
     assert "ddpm_n" not in res and "img2img_n" not in res  # 0 skips those parts
