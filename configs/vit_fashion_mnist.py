@@ -1,6 +1,8 @@
 """Supervised ViT on Fashion-MNIST (the issue's baseline: >= 90% test accuracy on a 2-core CPU).
 
-Train (4 pre-LN blocks, width 96, 3 heads, 4x4 patches = 49 tokens + a class token; ~0.47M params):
+Train (4 pre-LN blocks, width 96, 3 heads, MLP 4x wide, 4x4 patches = 49 tokens + a class token;
+455,050 params; 8000 steps ~40 min on an idle 2-core CPU; 90.3% test accuracy, see
+experiments/clip/README.md):
     python -m research.launch --config configs/vit_fashion_mnist.py --workdir workdirs/vit_fmnist
 A run of seconds (what the tests run):
     python -m research.launch --config configs/vit_fashion_mnist.py:smoke --workdir /tmp/vit_smoke
@@ -25,7 +27,7 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(
         name="vit",
         image_size=28, patch_size=4, channels=1, num_classes=10, pool="cls",
-        num_layers=4, num_heads=3, embed_dim=96, mlp_ratio=2, dropout=0.0,
+        num_layers=4, num_heads=3, embed_dim=96, mlp_ratio=4, dropout=0.0,
         use_bias=True, activation="gelu", norm_position="pre",
         dtype="float32", remat="none",
     ))
@@ -34,13 +36,14 @@ def get_config(arg=None):
         manual_dir=ml_collections.config_dict.placeholder(str),  # or $RESEARCH_FASHION_MNIST_DIR
         data_dir=ml_collections.config_dict.placeholder(str),    # or $RESEARCH_DATA_DIR
         download=True,
-        crop_pad=0,        # random translations by up to this many pixels (0 = off)
+        crop_pad=0,        # random translations by up to this many pixels (0 = off; 2 cost
+                           # 1.7 points at 5000 steps: this budget underfits, see the README)
         flip=True,         # random horizontal flips
     ))
     c.label_smoothing = 0.0
     c.batch_size = 128
     c.grad_accum_steps = 1
-    c.total_steps = 8000   # ~17 epochs of 60k images: 89.9% (experiments/clip/README.md)
+    c.total_steps = 8000   # ~17 epochs of 60k images: 90.3% (experiments/clip/README.md)
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=2e-3, min_lr=1e-5, warmup_steps=200, decay_steps=c.total_steps,
         schedule="cosine", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip=1.0))
