@@ -44,6 +44,22 @@ def launch(workdir, *args: str, config: str = SMOKE, env: dict | None = None):
     return run(launch_cmd(workdir, *args, config=config), env=env)
 
 
+def run_measure(workdir, classifier, *args: str) -> dict:
+    """``experiments/diffusion/measure.py`` on a diffusion ``workdir`` scored by a classify run at
+    ``classifier`` (extra flags in ``args``); asserts it exits 0 and returns its measure.json."""
+    proc = run([sys.executable, "-m", "experiments.diffusion.measure", "--workdir", str(workdir),
+                "--classifier", str(classifier), *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((Path(workdir) / "measure.json").read_text())
+
+
+def smoke_classifier(workdir) -> Path:
+    """A smoke CNN classify run at ``workdir`` (the measure script's classifier in tests)."""
+    proc = launch(workdir, config="configs/cnn_fashion_mnist.py:smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(workdir)
+
+
 def sample(workdir, *args: str):
     return run([sys.executable, "-m", "research.sample", "--workdir", str(workdir), *args])
 

@@ -91,16 +91,9 @@ def test_measure_script_reports_quality_speed_and_img2img(smoke_workdir, tmp_pat
     (untrained models: the figures are not judged, their presence, ranges and consistency are):
     conditional accuracy and class-kept shares are fractions of the images scored, the Frechet
     distances finite and >= 0, the sampling times positive, the grids written."""
-    import json
     workdir, _ = smoke_workdir
-    clf = tmp_path / "cnn"
-    proc = e2e.launch(clf, config="configs/cnn_fashion_mnist.py:smoke")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = e2e.run([sys.executable, "-m", "experiments.diffusion.measure", "--workdir",
-                    str(workdir), "--classifier", str(clf), "--per_class", "1",
-                    "--ddpm_per_class", "1", "--real", "40", "--img2img", "4", "--steps", "3"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((workdir / "measure.json").read_text())
+    res = e2e.run_measure(workdir, e2e.smoke_classifier(tmp_path / "cnn"), "--per_class", "1",
+                          "--ddpm_per_class", "1", "--real", "40", "--img2img", "4", "--steps", "3")
     assert res["ddim_n"] == 10 and res["ddpm_n"] == 10 and res["img2img_n"] == 4
     for k, n in (("ddim_conditional_accuracy", 10), ("ddpm_conditional_accuracy", 10),
                  ("img2img_unconditional_class_kept", 4), ("img2img_own_label_class_kept", 4)):
@@ -117,21 +110,17 @@ def test_measure_script_classifier_guidance_and_clip_score(smoke_workdir, tmp_pa
     unconditional model at each scale (a fraction for the accuracy, a finite Frechet distance, a
     grid per scale), the CLIP score of samples and of real images (CLIP-S lies in [0, 2.5]) and CLIP
     guidance at each scale."""
-    import json
     workdir, _ = smoke_workdir
-    runs = {"cnn": "configs/cnn_fashion_mnist.py:smoke",
-            "noisy": "configs/noisy_classifier_fashion_mnist.py:smoke",
+    runs = {"noisy": "configs/noisy_classifier_fashion_mnist.py:smoke",
             "clip": "configs/clip_fashion_mnist.py:smoke"}
     for name, config in runs.items():
         proc = e2e.launch(tmp_path / name, config=config)
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
-    proc = e2e.run([sys.executable, "-m", "experiments.diffusion.measure", "--workdir",
-                    str(workdir), "--classifier", str(tmp_path / "cnn"), "--per_class", "1",
-                    "--ddpm_per_class", "0", "--real", "40", "--img2img", "0", "--steps", "3",
-                    "--noisy_classifier", str(tmp_path / "noisy"), "--classifier_scales", "0,5",
-                    "--clip", str(tmp_path / "clip"), "--clip_guidance_scales", "0,50"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((workdir / "measure.json").read_text())
+    res = e2e.run_measure(
+        workdir, e2e.smoke_classifier(tmp_path / "cnn"), "--per_class", "1", "--ddpm_per_class",
+        "0", "--real", "40", "--img2img", "0", "--steps", "3", "--noisy_classifier",
+        str(tmp_path / "noisy"), "--classifier_scales", "0,5", "--clip", str(tmp_path / "clip"),
+        "--clip_guidance_scales", "0,50")
     for s in ("0", "5"):
         g = res[f"classifier_guided_s{s}"]
         acc = g["conditional_accuracy"]

@@ -1,6 +1,5 @@
 """Latent diffusion: the latent round trip, the text tower's hidden states, and the smoke config
 through the launcher followed by ``research.sample_images`` with ``--prompt`` and image-to-image."""
-import json
 import sys
 
 import jax
@@ -63,14 +62,8 @@ def test_launcher_smoke_then_image_to_image(fashion_mnist_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert out2.stat().st_size > 0
     # the measure script on an ldm run: class ids as prompts, the empty caption as "no label"
-    clf = tmp_path / "cnn"
-    proc = e2e.launch(clf, config="configs/cnn_fashion_mnist.py:smoke")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = e2e.run([sys.executable, "-m", "experiments.diffusion.measure", "--workdir",
-                    str(workdir), "--classifier", str(clf), "--per_class", "1",
-                    "--ddpm_per_class", "0", "--real", "40", "--img2img", "4", "--steps", "3"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((workdir / "measure.json").read_text())
+    res = e2e.run_measure(workdir, e2e.smoke_classifier(tmp_path / "cnn"), "--per_class", "1",
+                          "--ddpm_per_class", "0", "--real", "40", "--img2img", "4", "--steps", "3")
     assert res["ddim_n"] == 10 and res["img2img_n"] == 4
     for k in ("img2img_unconditional_class_kept", "img2img_own_label_class_kept"):
         assert 0.0 <= res[k] <= 1.0 and res[k] * 4 == pytest.approx(round(res[k] * 4)), (k, res[k])
