@@ -1,7 +1,8 @@
 """CLIP on Fashion-MNIST with generated captions; zero-shot with held-out prompt templates.
 
-Train (ViT image tower 4 x 96, 4x4 patches; causal text transformer 2 x 64 over word tokens;
-joint space 64; InfoNCE with a learnable temperature; sized for ~1 h on an idle 2-core CPU):
+Train (ViT image tower 4 x 96 with a 4x MLP, 4x4 patches; causal text transformer 2 x 64 over word
+tokens; joint space 64; InfoNCE with a learnable temperature; 535,745 params; 4000 steps take
+~48 min on a 2-core CPU: zero-shot 88.5%, linear probe 88.6%, see experiments/clip/README.md):
     python -m research.launch --config configs/clip_fashion_mnist.py --workdir workdirs/clip_fmnist
 A run of seconds (what the tests run):
     python -m research.launch --config configs/clip_fashion_mnist.py:smoke --workdir /tmp/clip_smoke
@@ -34,7 +35,7 @@ def get_config(arg=None):
         lit=arg.lit or ml_collections.config_dict.placeholder(str),  # a ViT run's workdir
         image=ml_collections.ConfigDict(dict(
             image_size=28, patch_size=4, channels=1, pool="cls", patch_bias=True,
-            embed_norm=False, num_layers=4, num_heads=3, embed_dim=96, mlp_ratio=2,
+            embed_norm=False, num_layers=4, num_heads=3, embed_dim=96, mlp_ratio=4,
             dropout=0.0, use_bias=True, activation="gelu", norm_position="pre",
             dtype="float32", remat="none")),
         text=ml_collections.ConfigDict(dict(
@@ -59,7 +60,7 @@ def get_config(arg=None):
     ))
     c.batch_size = 256
     c.grad_accum_steps = 1
-    c.total_steps = 3000     # ~12.8 epochs
+    c.total_steps = 4000     # ~17 epochs
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=2e-3, min_lr=1e-5, warmup_steps=200, decay_steps=c.total_steps,
         schedule="cosine", b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05, grad_clip=1.0))
