@@ -108,20 +108,25 @@ def main(argv):
                     "ddim_frechet_same_n": metrics(ddim[sel])["frechet_classifier"],
                     "speedup_ddim_over_ddpm": ddpm_s / ddim_s})
         data_lib.save_grid(ddpm, os.path.join(_WORKDIR.value, "measure_ddpm.png"), rows=10)
+
+    def guided(wrap, grid_name):
+        """DDIM samples of the unconditional model (w = 0) for ``labels`` under the guidance
+        ``wrap`` (None: unguided), their grid, and {conditional_accuracy, frechet}."""
+        images = np.asarray(task.sample(params, labels, rng, sampler="ddim", steps=_STEPS.value,
+                                        guidance_scale=0.0, denoise_wrapper=wrap))
+        m = metrics(images, labels)
+        data_lib.save_grid(images, os.path.join(_WORKDIR.value, grid_name), rows=10)
+        return images, {"conditional_accuracy": m["conditional_accuracy"],
+                        "frechet": m["frechet_classifier"]}
+
     if _NOISY_CLF.value:
         from research.tasks import noisy_classify
         nclf = noisy_classify.load_noisy_classifier(_NOISY_CLF.value)
         noisy_classify.check_same_schedule(nclf.diffusion, task.diffusion)
         for scale in sorted(float(v) for v in _CLF_SCALES.value):
             wrap = noisy_classify.guidance_wrapper(nclf, task.schedule, scale) if scale > 0 else None
-            guided = np.asarray(task.sample(params, labels, rng, sampler="ddim", steps=_STEPS.value,
-                                            guidance_scale=0.0, denoise_wrapper=wrap))
-            mg = metrics(guided, labels)
-            res[f"classifier_guided_s{scale:g}"] = {
-                "conditional_accuracy": mg["conditional_accuracy"],
-                "frechet": mg["frechet_classifier"]}
-            data_lib.save_grid(guided, os.path.join(_WORKDIR.value,
-                                                    f"measure_classifier_s{scale:g}.png"), rows=10)
+            _, res[f"classifier_guided_s{scale:g}"] = guided(
+                wrap, f"measure_classifier_s{scale:g}.png")
     if _CLIP.value:
         from research.eval.clip_score import ClipScorer
         scorer = ClipScorer.from_workdir(_CLIP.value, option="--clip")
@@ -137,16 +142,10 @@ def main(argv):
                 def wrap(denoise, labels_, scale=scale):
                     return clip_guidance.clip_guided(denoise, embed, table[labels_], task.schedule,
                                                      scale, prediction=task.diffusion["prediction"])
-                guided = np.asarray(task.sample(
-                    params, labels, rng, sampler="ddim", steps=_STEPS.value, guidance_scale=0.0,
-                    denoise_wrapper=wrap if scale > 0 else None))
-                mg = metrics(guided, labels)
+                images, g = guided(wrap if scale > 0 else None,
+                                   f"measure_clip_guided_s{scale:g}.png")
                 res[f"clip_guided_s{scale:g}"] = {
-                    "conditional_accuracy": mg["conditional_accuracy"],
-                    "frechet": mg["frechet_classifier"],
-                    "clip_score": scorer.score(guided, labels=labels)}
-                data_lib.save_grid(guided, os.path.join(_WORKDIR.value,
-                                                        f"measure_clip_guided_s{scale:g}.png"), rows=10)
+                    **g, "clip_score": scorer.score(images, labels=labels)}
     if _IMG2IMG.value:
         from research.diffusion.img2img import sdedit
         pick = np.random.default_rng(1).permutation(np.setdiff1d(np.arange(len(real)), idx))
